@@ -1,0 +1,1 @@
+"""Shared core of model-parallel-suite: data, models, the one training loop, reference and metrics."""

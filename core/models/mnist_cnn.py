@@ -1,0 +1,30 @@
+"""The notebook's MNIST network, layer for layer.
+
+Conv2d(1,32,3,1), Dropout2d(0.5), Conv2d(32,64,3,1), Dropout2d(0.75), max-pool 2, flatten,
+Linear(9216,128), Linear(128,20), Linear(20,10), log-softmax. The notebook has NO activation
+functions between layers; we stay faithful (the network is then affine up to the max-pool, and
+still learns MNIST well above chance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.models.base import BlockModel
+
+
+class MnistCNN(BlockModel):
+    def __init__(self, dropout: bool = True) -> None:
+        super().__init__()
+        p1, p2 = (0.5, 0.75) if dropout else (0.0, 0.0)
+        self.blocks["conv1"] = nn.Sequential(nn.Conv2d(1, 32, 3, 1), nn.Dropout2d(p1))
+        self.blocks["conv2"] = nn.Sequential(nn.Conv2d(32, 64, 3, 1), nn.Dropout2d(p2))
+        self.blocks["pool"] = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(1))
+        self.blocks["fc1"] = nn.Linear(9216, 128)
+        self.blocks["fc2"] = nn.Linear(128, 20)
+        self.blocks["fc3"] = nn.Sequential(nn.Linear(20, 10), nn.LogSoftmax(dim=1))
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(output, target)

@@ -1,0 +1,165 @@
+"""The one training loop. A style supplies only ``build`` (core.strategy.Built); the rest is here.
+
+Per optimizer step: ``grad_accum`` batches through ``built.step`` (forward + backward), gradients
+divided by ``grad_accum`` (so k accumulated batches equal one k-times batch), the optional parity
+check, the optimizer step. Losses stay on the device until a progress line needs them: no host
+sync per step on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from core import metrics
+from core.config import RunConfig
+from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
+from core.distributed import DistState, all_gather_floats
+from core.models import build_model
+from core.reference import ParityChecker
+from core.strategy import Built
+
+BuildFn = Callable[[nn.Module, RunConfig, DistState], Built]
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD for mnist-cnn and delay (the notebook's), AdamW for gpt; fused kernels on CUDA."""
+    fused = bool(params) and all(p.device.type == "cuda" for p in params) and not _has_dtensor(params)
+    if cfg.model == "gpt":
+        return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=0.0, fused=fused or None)
+    return torch.optim.SGD(params, lr=cfg.resolved_lr)
+
+
+def _has_dtensor(params: list[nn.Parameter]) -> bool:
+    return any(hasattr(p, "full_tensor") for p in params)
+
+
+def set_numerics(cfg: RunConfig) -> None:
+    # fp32 means fp32: TF32 would make matmuls differ from the reference by ~1e-3
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = cfg.check
+
+
+def log(state: DistState, msg: str) -> None:
+    if state.is_main:
+        print(msg, flush=True)
+
+
+def total_steps(cfg: RunConfig, train: Split) -> int:
+    per_epoch = steps_per_epoch(train, cfg.resolved_batch_size) // cfg.grad_accum
+    if per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.resolved_batch_size} x --grad-accum {cfg.grad_accum} is more than "
+                         f"the {len(train)} training samples")
+    return cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch
+
+
+def run(cfg: RunConfig, state: DistState, build: BuildFn, out_dir: str | None = None,
+        dataset: Dataset | None = None) -> dict:
+    """Train, evaluate, write result.json (rank 0) into out_dir; return the result on every rank."""
+    set_numerics(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.flavor, dropout=not cfg.check)
+    bs = cfg.resolved_batch_size
+    data = dataset or load_dataset(cfg.model, cfg.flavor, cfg.resolved_dataset, cfg.data_dir, cfg.seed, bs)
+    log(state, f"data: {data.description}")
+
+    make_opt = lambda params: make_optimizer(cfg, params)
+    checker = ParityChecker(model, cfg, state, make_opt) if cfg.check else None  # copies weights first
+    built = build(model, cfg, state)
+    opt = make_opt([p for _, p in built.params])
+    train = data.train.head(cfg.train_samples).to(built.input_device)
+    n_steps = total_steps(cfg, train)
+    if cfg.check:
+        log(state, "check: dropout disabled; comparing every step's loss and gradients with a single-device run")
+
+    losses: list[torch.Tensor] = []
+    step_times: list[float] = []
+    built.train_mode(True)
+    metrics.reset_peak_memory(built.devices)
+    clock = metrics.Stopwatch(built.devices)
+    last = time.perf_counter()
+    step, epoch, micro, batch_losses = 0, 0, 0, []
+    while step < n_steps:
+        for x, y in batches(train, bs, cfg.seed, epoch):
+            y = y.to(built.target_device, non_blocking=True)
+            batch_losses.append(built.step(x, y))
+            if checker:
+                checker.micro_step(x, y)
+            micro += 1
+            if micro < cfg.grad_accum:
+                continue
+            if cfg.grad_accum > 1:
+                for _, p in built.params:
+                    if p.grad is not None:
+                        p.grad.div_(cfg.grad_accum)
+            loss = torch.stack(batch_losses).mean()
+            if checker:
+                checker.compare(float(loss.item()), built, cfg.grad_accum)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss)
+            built.after_step(step)
+            micro, batch_losses = 0, []
+            step += 1
+            if step % cfg.log_every == 0 or step == n_steps or step == 1:
+                now = clock.now()
+                step_times.append(now - last)
+                last = now
+                log(state, f"step {step}/{n_steps}  epoch {epoch + 1}  loss {loss.item():.4f}  "
+                    f"{step * bs * cfg.grad_accum / clock.elapsed():.1f} samples/s")
+            if step >= n_steps:
+                break
+        epoch += 1
+    train_time = clock.elapsed()
+    loss_values = [float(v) for v in torch.stack(losses).float().cpu()]
+
+    eval_acc, eval_n = evaluate(cfg, built, data.test, state)
+    peaks, peak_kind = metrics.peak_memory_bytes(built.devices)
+    per_rank_peaks = all_gather_floats([float(max(peaks))], state) if state.world_size > 1 else [[p] for p in peaks]
+    result = {
+        "strategy": cfg.strategy, "model": cfg.model, "flavor": cfg.flavor, "dataset": cfg.resolved_dataset,
+        "data_source": data.description, "world_size": state.world_size, "nodes": cfg.nodes,
+        "device": str(built.input_device.type), "devices": [str(d) for d in built.devices],
+        "torch_version": torch.__version__, "config": cfg.to_dict(), "steps": len(loss_values),
+        "losses": loss_values, "final_loss": loss_values[-1], "eval_accuracy": eval_acc, "eval_samples": eval_n,
+        "train_time_s": train_time, "samples_per_sec": len(loss_values) * bs * cfg.grad_accum / train_time,
+        "peak_memory_bytes": [int(r[0]) for r in per_rank_peaks], "peak_memory_kind": peak_kind,
+    }
+    result.update(built.result_extras())
+    if checker:
+        result["check"] = checker.summary.to_dict()
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        built.save_artifacts(out_dir)
+        if state.is_main:
+            metrics.write_json_atomic(os.path.join(out_dir, "result.json"), result)
+    return result
+
+
+@torch.no_grad()
+def evaluate(cfg: RunConfig, built: Built, test: Split | None, state: DistState) -> tuple[float | None, int]:
+    """Classification accuracy on held-out data (mnist-cnn); other models have no accuracy."""
+    if test is None or cfg.model != "mnist-cnn":
+        return None, 0
+    test = test.head(cfg.eval_samples)
+    bs = cfg.resolved_batch_size
+    built.train_mode(False)
+    correct = torch.zeros((), dtype=torch.long, device=built.target_device)
+    for start in range(0, len(test), bs):
+        x = test.x[start:start + bs].to(built.input_device)
+        n = len(x)
+        if n < bs:  # pad the tail: pipelines need whole batches; padded rows are not scored
+            x = torch.cat([x, x.new_zeros((bs - n, *x.shape[1:]))])
+        out = built.predict(x)
+        if out is not None:
+            y = test.y[start:start + n].to(out.device)
+            correct += (out[:n].argmax(dim=1) == y).sum().to(correct.device)
+    built.train_mode(True)
+    # only the last stage holds outputs: the largest count across ranks is the true one
+    total = all_gather_floats([float(correct.item())], state)
+    return max(t[0] for t in total) / len(test), len(test)

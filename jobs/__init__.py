@@ -1,0 +1,1 @@
+"""Launching: the submit command, the submitit task and executors."""

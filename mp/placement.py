@@ -1,0 +1,69 @@
+"""Vanilla model parallelism: cut the blocks into N consecutive stages on N devices, in ONE process.
+
+The forward moves activations across a seam when the next block lives elsewhere (a forward
+pre-hook on the first block of each stage); autograd carries gradients back the same way. Only
+one device works at a time: that idle time is what pipelining (pp/) removes.
+
+The notebook launched this kind of program with ``torchrun --nproc-per-node=3`` and so trained
+three independent copies; here it is one process driving all devices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.config import RunConfig
+from core.distributed import DistState
+from core.models import BlockModel, stage_blocks
+from core.strategy import Built, autocast
+
+
+def stage_devices(n: int, kind: str) -> list[torch.device]:
+    """cuda:0..n-1, or n CPU 'devices' (all the host CPU) on a host without GPU."""
+    if kind == "cuda":
+        return [torch.device("cuda", i) for i in range(n)]
+    return [torch.device("cpu")] * n
+
+
+def _to_device(device: torch.device):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args)
+
+    return hook
+
+
+def place_layers(model: BlockModel, devices: list[torch.device], split: list[int] | None = None) -> list[list[str]]:
+    """Move each stage's blocks to its device and route activations across the seams.
+
+    Returns the block names of each stage. The model class is untouched: placement is hooks.
+    """
+    stages = stage_blocks(model, len(devices), split)
+    for names, device in zip(stages, devices):
+        for name in names:
+            model.blocks[name].to(device)
+        model.blocks[names[0]].register_forward_pre_hook(_to_device(device))
+    return stages
+
+
+def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
+    devices = stage_devices(cfg.gpus, state.device.type)
+    stages = place_layers(model, devices, cfg.split)
+    first, last = devices[0], devices[-1]
+    print("mp stages: " + " | ".join(f"{d}: {','.join(n)}" for n, d in zip(stages, devices)), flush=True)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg, first):
+            out = model(x)
+        loss = model.loss(out, y.to(out.device))
+        loss.backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg, first):
+            return model(x)
+
+    unique = list(dict.fromkeys(devices))
+    return Built(list(model.named_parameters()), step, predict, first, last, unique, model.train,
+                 result_extras=lambda: {"stages": stages})
