@@ -22,8 +22,8 @@ class Built:
     """This rank's parameters, named as in the full model (``blocks.fc1.weight``)."""
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """Forward and backward of one batch; returns the batch's mean loss (detached), on every rank."""
-    predict: Callable[[torch.Tensor], torch.Tensor | None]
-    """Model outputs for a batch in eval mode, on the rank(s) that hold them; None elsewhere."""
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
+    """Model outputs for (inputs, targets) in eval mode, on the rank(s) that hold them; None elsewhere."""
     input_device: torch.device
     target_device: torch.device
     devices: list[torch.device]
@@ -68,7 +68,7 @@ def single_device_build(model: nn.Module, cfg: RunConfig, device: torch.device) 
         return loss.detach()
 
     @torch.no_grad()
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
             return model(x)
 

@@ -102,6 +102,8 @@ def run(cfg: RunConfig, state: DistState, build: BuildFn, out_dir: str | None = 
                 checker.compare(float(loss.item()), built, cfg.grad_accum)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if checker:
+                checker.sync_weights(built)
             losses.append(loss)
             built.after_step(step)
             micro, batch_losses = 0, []
@@ -150,16 +152,21 @@ def evaluate(cfg: RunConfig, built: Built, test: Split | None, state: DistState)
     bs = cfg.resolved_batch_size
     built.train_mode(False)
     correct = torch.zeros((), dtype=torch.long, device=built.target_device)
+    scored = False
     for start in range(0, len(test), bs):
         x = test.x[start:start + bs].to(built.input_device)
+        y = test.y[start:start + bs].to(built.target_device)
         n = len(x)
         if n < bs:  # pad the tail: pipelines need whole batches; padded rows are not scored
             x = torch.cat([x, x.new_zeros((bs - n, *x.shape[1:]))])
-        out = built.predict(x)
+            y = torch.cat([y, y.new_zeros((bs - n, *y.shape[1:]))])
+        out = built.predict(x, y)
         if out is not None:
-            y = test.y[start:start + n].to(out.device)
-            correct += (out[:n].argmax(dim=1) == y).sum().to(correct.device)
+            scored = True
+            correct += (out[:n].argmax(dim=1) == y[:n].to(out.device)).sum().to(correct.device)
     built.train_mode(True)
     # only the last stage holds outputs: the largest count across ranks is the true one
-    total = all_gather_floats([float(correct.item())], state)
+    total = all_gather_floats([float(correct.item()), float(scored)], state)
+    if not any(t[1] for t in total):
+        return None, 0  # the style could not run forward-only (see pp.pipeline.NO_EVAL)
     return max(t[0] for t in total) / len(test), len(test)

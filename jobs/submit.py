@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 import time
 
@@ -95,22 +96,28 @@ def follow(job, stop_when_done: bool = True) -> None:
         time.sleep(0.5)
 
 
-def first_failure(job) -> str:
-    """The real exception of the first failing task, not a neighbour's timeout."""
-    import submitit
+SECONDARY = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
+             "communicator was aborted", "job did not complete")
 
+
+def exception_line(text: str) -> str:
+    """The 'SomeError: message' line of a traceback that submitit re-raised as text."""
+    text = text.split("You can check full logs")[0]
+    lines = [ln.split("]: ", 1)[-1] for ln in text.splitlines() if ln.strip() and not ln.startswith("---")]
+    hits = [ln.strip() for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", ln.strip())]
+    return hits[-1] if hits else (lines[-1].strip() if lines else "no message")
+
+
+def first_failure(job) -> str:
+    """The real exception of the failing task, not a neighbour's timeout or broken connection."""
     messages = []
     for i in range(job.num_tasks):
         try:
             job.task(i).result()
-        except submitit.core.utils.UncompletedJobError as e:
-            messages.append((i, str(e).strip().splitlines()[-1] if str(e).strip() else "job did not complete"))
         except Exception as e:  # the task's own exception, re-raised by submitit with its traceback
-            text = str(e).strip().splitlines()
-            last = next((ln for ln in reversed(text) if ln.strip() and not ln.startswith(" ")), repr(e))
-            messages.append((i, last))
-    for i, msg in messages:  # a rank's own error beats another rank's collective timeout
-        if "timeout" not in msg.lower() and "timed out" not in msg.lower():
+            messages.append((i, exception_line(str(e))))
+    for i, msg in messages:  # a rank's own error beats what its peers saw when it died
+        if not any(k in msg.lower() for k in SECONDARY):
             return f"rank {i}: {msg}"
     return f"rank {messages[0][0]}: {messages[0][1]}" if messages else "unknown failure"
 
@@ -130,11 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()
                                if v not in (None, {}, False) and k != "extra"), flush=True)
     log_dir = os.path.join(folder, "submitit")
-    executor = make_executor(cfg, log_dir, cluster, on_cuda)
-    if args.dry_run:
+    if args.dry_run:  # submitit's executors create their folder: render the plan in a scratch one
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="mps-dry-run-")
+        try:
+            plan = describe(make_executor(cfg, scratch, cluster, on_cuda), cluster, cfg).replace(scratch, log_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         print(f"dry run: would submit to {cluster}; run folder {folder}")
-        print(describe(executor, cluster, cfg))
+        print(plan)
         return 0
+    executor = make_executor(cfg, log_dir, cluster, on_cuda)
     os.makedirs(folder, exist_ok=True)
     port = free_port() if cluster == "local" else None
     job = executor.submit(TrainTask(cfg.to_dict(), folder, port))

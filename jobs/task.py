@@ -20,7 +20,7 @@ class TrainTask:
         from jobs.strategies import get_build
 
         cfg = RunConfig.from_dict(self.cfg)
-        if cfg.strategy in ("pp", "tp"):
+        if cfg.strategy in ("pp", "tp") and "RANK" not in os.environ:  # torchrun already set them
             import submitit
 
             if self.master_port is not None:

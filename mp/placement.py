@@ -60,7 +60,7 @@ def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
         return loss.detach()
 
     @torch.no_grad()
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, first):
             return model(x)
 

@@ -35,11 +35,18 @@ class BlockModel(nn.Module):
         return [sum(p.numel() for p in b.parameters()) for b in self.blocks.values()]
 
     def keep_only(self, names: list[str]) -> BlockModel:
-        """A deep copy holding only ``names`` (a stage); parameter names stay those of the full model."""
-        stage = copy.deepcopy(self)
-        for name in list(stage.blocks.keys()):
-            if name not in names:
-                del stage.blocks[name]
+        """A copy holding only ``names`` (a stage); parameter names stay those of the full model.
+
+        Only the kept blocks are copied, so cutting a large model costs one stage's memory.
+        """
+        blocks = self.blocks
+        self.blocks = nn.ModuleDict()
+        try:
+            stage = copy.deepcopy(self)
+        finally:
+            self.blocks = blocks
+        for name in names:
+            stage.blocks[name] = copy.deepcopy(blocks[name])
         return stage
 
 

@@ -1,0 +1,67 @@
+"""Pictures and tables: the measured timeline (one row per rank, one box per action) and comparisons."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: jobs and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"F": "#4C9BE8", "B": "#F28E2B", "I": "#E15759", "W": "#59A14F"}
+LABELS = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
+
+
+def draw_timeline(ax, actions: list, title: str, step: int | None = None) -> None:
+    """Draw one step's actions (dicts or objects with rank/kind/microbatch/start/end) on ax."""
+    get = (lambda a, k: a[k]) if actions and isinstance(actions[0], dict) else getattr
+    if step is None:
+        step = max((get(a, "step") for a in actions), default=0)
+    acts = [a for a in actions if get(a, "step") == step]
+    if not acts:
+        ax.set_title(f"{title} (no actions recorded)")
+        return
+    t0 = min(get(a, "start") for a in acts)
+    ranks = sorted({get(a, "rank") for a in acts})
+    for a in acts:
+        row = ranks.index(get(a, "rank"))
+        x, w = (get(a, "start") - t0) * 1e3, (get(a, "end") - get(a, "start")) * 1e3
+        kind = get(a, "kind")
+        ax.broken_barh([(x, w)], (row - 0.4, 0.8), facecolors=COLORS[kind], edgecolor="black", linewidth=0.4)
+        if w > 0:
+            ax.text(x + w / 2, row, str(get(a, "microbatch")), ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the step began (white = idle)")
+    ax.set_title(title, fontsize=10)
+    kinds = sorted({get(a, "kind") for a in acts}, key="FBIW".index)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds],
+              labels=[LABELS[k] for k in kinds], loc="upper right", fontsize=7, ncols=len(kinds))
+
+
+def save_timeline_png(actions: list, path: str, title: str) -> None:
+    ranks = {a["rank"] if isinstance(a, dict) else a.rank for a in actions}
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.6 * max(len(ranks), 1)))
+    draw_timeline(ax, actions, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_stacked_timelines(panels: list[tuple[str, list]], path: str) -> None:
+    """Several runs' timelines above one another, on a shared time axis: how users pick a schedule."""
+    heights = [1.0 + 0.5 * max(len({a["rank"] for a in acts}), 1) for _, acts in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), sharex=True,
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, acts) in zip(axes[:, 0], panels):
+        draw_timeline(ax, acts, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])

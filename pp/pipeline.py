@@ -1,0 +1,188 @@
+"""Pipeline parallelism on torch.distributed.pipelining: our stages, torch's schedules.
+
+The model's blocks are cut at the same seams as mp (core.models.stage_blocks); each rank holds
+one stage, or two for interleaved / looped / V-shaped schedules, wrapped in ``PipelineStage``.
+The schedule class comes from torch by name and owns forward and backward of every micro-batch.
+
+Loss scaling, decided once: loss_fn returns the micro-batch MEAN divided by the number of
+micro-batches and the schedule runs with ``scale_grads=False``. The summed micro-batch losses are
+then the batch mean, and gradients equal one device's on the whole batch. (torch's default,
+``scale_grads=True``, divides the accumulated .grad in place at every step, which silently
+shrinks gradients accumulated over several batches: torchtitan #1733.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from core.config import ConfigError, RunConfig
+from core.distributed import DistState
+from core.models import BlockModel, count_blocks, stage_blocks
+from core.strategy import Built, autocast
+from pp.schedules import SCHEDULES, min_microbatches, stage_indices, theory_bubble
+from pp.timeline import TimelineRecorder, chrome_trace, gather_actions, measured_bubble
+
+
+# torch 2.14: ZBV's eval() fails ("can't steal_bwd_input if this stage doesn't have backward") and
+# DualPipeV's cannot run forward-only either: these runs report no eval accuracy
+NO_EVAL = {"zbv-zero-bubble", "dualpipev"}
+
+
+def _no_view_output(module, args, output):
+    """Split-backward schedules detach stage outputs in place (torch's stage_backward_input), which
+    fails on a view such as Flatten's output: hand them a copy instead."""
+    if isinstance(output, torch.Tensor) and output._base is not None:
+        return output.clone()
+    return output
+
+
+def default_microbatches(batch: int, schedule: str, p: int) -> int:
+    """The smallest divisor of the batch that is at least 2p (a small bubble), else the largest allowed."""
+    lo = min_microbatches(schedule, p)
+    divisors = [d for d in range(lo, batch + 1) if batch % d == 0]
+    if not divisors:
+        return lo  # validate() reports it
+    return next((d for d in divisors if d >= 2 * p), divisors[-1])
+
+
+def resolved_microbatches(cfg: RunConfig) -> int:
+    return cfg.microbatches or default_microbatches(cfg.resolved_batch_size, cfg.schedule, cfg.pp_degree)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Everything the pipeline needs, checked on the submitting host (ConfigError: exit 2)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown --schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    p, info = cfg.pp_degree, SCHEDULES[cfg.schedule]
+    n_stages = p * info.stages_per_rank
+    n_blocks = count_blocks(cfg.model, cfg.flavor)
+    if n_stages > n_blocks:
+        raise ConfigError(f"--schedule {cfg.schedule} on {p} pipeline ranks needs {n_stages} stages "
+                          f"({info.stages_per_rank} per rank), but {cfg.model} has {n_blocks} blocks: "
+                          f"use fewer --gpus or gpipe/1f1b")
+    if cfg.split is not None and len(cfg.split) != n_stages:
+        raise ConfigError(f"--split gives {len(cfg.split)} stages; --schedule {cfg.schedule} on {p} ranks "
+                          f"has {n_stages}")
+    b = cfg.resolved_batch_size
+    if cfg.microbatches is not None and cfg.microbatches < 1:
+        raise ConfigError(f"--microbatches must be at least 1 (got {cfg.microbatches})")
+    m = resolved_microbatches(cfg)
+    if b % m:
+        divs = [d for d in range(1, b + 1) if b % d == 0 and d >= min_microbatches(cfg.schedule, p)]
+        raise ConfigError(f"--batch-size {b} does not split into {m} equal micro-batches: pick --microbatches "
+                          f"from {', '.join(map(str, divs[:8]))} or change --batch-size")
+    need = min_microbatches(cfg.schedule, p)
+    if m < need:
+        raise ConfigError(f"--schedule {cfg.schedule} needs at least {need} micro-batches on {p} pipeline ranks "
+                          f"(got {m}): raise --microbatches")
+    if cfg.tp > 1:
+        from tp import validate as tp_validate
+
+        tp_validate(cfg)
+
+
+def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
+    p, info = state.pp, SCHEDULES[cfg.schedule]
+    n_stages = p * info.stages_per_rank
+    m = resolved_microbatches(cfg)
+    names = stage_blocks(model, n_stages, cfg.split)
+    local = stage_indices(cfg.schedule, state.pp_rank, p)
+    device = state.device
+    pp_group = state.mesh["pp"].get_group() if state.mesh is not None else None
+    recorder = TimelineRecorder(state.rank, device)
+
+    modules, stages = [], []
+    for idx in local:
+        sub = model.keep_only(names[idx])
+        if state.tp > 1:
+            from tp import apply_tp
+
+            apply_tp(sub, state.mesh["tp"], cfg)
+        sub.to(device)
+        sub.blocks[names[idx][-1]].register_forward_hook(_no_view_output)
+        stage = PipelineStage(sub, idx, n_stages, device, group=pp_group)
+        recorder.wrap(stage)
+        modules.append(sub)
+        stages.append(stage)
+    del model  # this rank keeps only its stages
+
+    loss_module = modules[-1]
+    loss_fn = lambda out, target: loss_module.loss(out, target) / m
+    cls = get_schedule_class(info.torch_name)
+    if issubclass(cls, PipelineScheduleSingle):
+        schedule = cls(stages[0], n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
+    else:
+        schedule = cls(stages, n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
+    has_first, has_last = 0 in local, n_stages - 1 in local
+    calls = {"n": 0}
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        recorder.begin_step(calls["n"])
+        losses: list[torch.Tensor] = []
+        args = (x,) if has_first else ()
+        kwargs = {"target": y, "losses": losses} if has_last else {}
+        with autocast(cfg, device):
+            schedule.step(*args, **kwargs)
+        recorder.end_step()
+        calls["n"] += 1
+        loss = torch.stack([t.detach().float() for t in losses]).sum() if has_last else torch.zeros((), device=device)
+        if pp_group is not None and state.pp > 1:
+            # every rank reports the real loss: only the last stage has it, the others add zero
+            dist.all_reduce(loss, group=pp_group)
+        return loss
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        if not hasattr(schedule, "eval") or cfg.schedule in NO_EVAL:
+            return None  # older torch has no forward-only pipeline step
+        args = (x,) if has_first else ()
+        kwargs = {"target": y} if has_last else {}  # the last stage computes the loss in eval too
+        with autocast(cfg, device):
+            out = schedule.eval(*args, **kwargs)
+        return out if has_last else None
+
+    def train_mode(flag: bool) -> None:
+        for sub in modules:
+            sub.train(flag)
+
+    cache: dict = {}
+
+    def timeline() -> list:
+        if "actions" not in cache:
+            cache["actions"] = gather_actions(recorder.actions)
+        return cache["actions"]
+
+    def result_extras() -> dict:
+        bubble, step_time = measured_bubble(timeline())
+        return {
+            "schedule": cfg.schedule, "microbatches": m, "pipeline_ranks": p, "tp": state.tp,
+            "stages_per_rank": info.stages_per_rank, "stages": names,
+            "stage_of_rank": {r: stage_indices(cfg.schedule, r, p) for r in range(p)},
+            "bubble_fraction": bubble, "bubble_fraction_theory": theory_bubble(cfg.schedule, p, m),
+            "timeline_step_time_s": step_time,
+        }
+
+    def save_artifacts(folder: str) -> None:
+        actions = timeline()
+        if state.is_main and actions:
+            import json
+
+            from core.report import save_timeline_png
+
+            title = f"{cfg.schedule}: {p} ranks, {m} micro-batches, {cfg.model}"
+            with open(os.path.join(folder, "timeline.json"), "w") as f:
+                json.dump(chrome_trace(actions, title), f)
+            bubble, _ = measured_bubble(actions)
+            theory = theory_bubble(cfg.schedule, p, m)
+            sub = f" (bubble {100 * bubble:.0f}% measured" + (f", {100 * theory:.0f}% theory)" if theory is not None
+                                                               else ")") if bubble is not None else ""
+            save_timeline_png([a.__dict__ for a in actions], os.path.join(folder, "timeline.png"), title + sub)
+
+    params = [(n, prm) for sub in modules for n, prm in sub.named_parameters()]
+    return Built(params, step, predict, device, device, [device], train_mode,
+                 result_extras=result_extras, save_artifacts=save_artifacts)

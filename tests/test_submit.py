@@ -1,0 +1,134 @@
+"""The submit command: bad input gets one line and exit 2 with nothing started; good input runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs.submit import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBMIT = os.path.join(ROOT, "jobs", "submit.py")
+
+BAD = {
+    "gpus zero": (["--gpus", "0"], "--gpus must be at least 1"),
+    "gpus negative": (["--gpus", "-2"], "--gpus must be at least 1"),
+    "more gpus than blocks": (["--gpus", "7"], "has only 6 blocks"),
+    "unknown strategy": (["--strategy", "dp"], "unknown --strategy"),
+    "unknown model": (["--model", "resnet"], "unknown --model"),
+    "unknown dataset": (["--dataset", "cifar"], "unknown --dataset"),
+    "unknown flavor": (["--model", "gpt", "--flavor", "huge"], "unknown --flavor"),
+    "split wrong sum": (["--gpus", "3", "--split", "2,1,2"], "sums to 5"),
+    "split with zero": (["--gpus", "3", "--split", "3,0,3"], "holds a zero"),
+    "split not numbers": (["--gpus", "3", "--split", "a,b"], "--split takes blocks per stage"),
+    "batch size zero": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "epochs with steps": (["--epochs", "1", "--steps", "3"], "not allowed with"),
+    "check tol not a number": (["--check", "--check-tol", "tight"], "--check-tol must be a number"),
+    "reference on several gpus": (["--strategy", "reference", "--gpus", "2"], "reference runs on one device"),
+    "nodes on local": (["--cluster", "local", "--nodes", "2", "--gpus", "2"], "needs Slurm"),
+    "pp unknown schedule": (["--strategy", "pp", "--gpus", "2", "--schedule", "fast"], "unknown --schedule"),
+    "pp batch not divisible": (["--strategy", "pp", "--gpus", "2", "--microbatches", "5"], "does not split into 5"),
+    "pp too few microbatches": (["--strategy", "pp", "--gpus", "4", "--model", "gpt", "--microbatches", "2"],
+                                "needs at least 4 micro-batches"),
+    "pp interleaved too many stages": (["--strategy", "pp", "--gpus", "4", "--model", "gpt",
+                                        "--schedule", "interleaved-1f1b"], "needs 8 stages"),
+    "pp split wrong length": (["--strategy", "pp", "--gpus", "2", "--split", "3,3", "--schedule",
+                               "interleaved-1f1b"], "--split gives 2 stages"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_exit_2_nothing_started(case, tmp_path, capsys):
+    args, expected = BAD[case]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        sys.exit(main(args + ["--cluster", "local", "--device", "cpu", "--out", str(out)]
+                      if "--cluster" not in args else args + ["--device", "cpu", "--out", str(out)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+    assert not out.exists()  # nothing submitted, no folder made
+
+
+def test_device_cuda_without_cuda_is_refused(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    assert main(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_more_gpus_than_the_host_has_is_refused(tmp_path, capsys):
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        pytest.skip("needs a CUDA host to ask for more GPUs than it has (CPU hosts use gloo processes)")
+    assert main(["--gpus", str(n + 1), "--cluster", "local", "--model", "delay", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_data_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["--data-dir", str(f), "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_data_dir_not_writable_is_refused(tmp_path, capsys):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    if os.access(d, os.W_OK):  # root ignores permission bits: use a path under /proc instead
+        d = "/proc/1/mnist"
+    assert main(["--data-dir", str(d), "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_existing_result_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "result.json").write_text("{}")
+    assert main(["--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "result.json").read_text() == "{}"
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--strategy", "mp", "--gpus", "3", "--cluster", "local", "--device", "cpu", "--dry-run",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dry run" in text and "1 process(es)" in text
+    assert not out.exists()
+
+
+def test_mp_job_through_submitit_writes_result_with_passed_check(tmp_path):
+    """The issue's command, shortened: a real submitit local job, as a user runs it."""
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, SUBMIT, "--strategy", "mp", "--gpus", "3", "--check", "--steps", "5",
+                        "--cluster", "local", "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "check PASSED" in p.stdout and "eval accuracy" in p.stdout
+    r = json.loads((out / "result.json").read_text())
+    for key in ("strategy", "model", "dataset", "world_size", "nodes", "device", "config", "steps", "losses",
+                "final_loss", "eval_accuracy", "samples_per_sec", "peak_memory_bytes", "check"):
+        assert key in r, key
+    assert r["strategy"] == "mp" and r["steps"] == 5 and len(r["losses"]) == 5
+    assert r["check"]["passed"] and r["check"]["max_grad_rel_diff"] == 0.0
+    assert 0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_samples"] == 1000
+    assert r["config"]["gpus"] == 3 and len(r["peak_memory_bytes"]) == 1
+
+
+def test_a_failing_rank_is_reported_in_one_line(tmp_path):
+    """A job whose task raises ends with exit 1 and that task's own exception, not a traceback."""
+    out = tmp_path / "run"
+    # --train-samples smaller than one batch: the job itself fails (after submission, by design)
+    p = subprocess.run([sys.executable, SUBMIT, "--strategy", "pp", "--gpus", "2", "--model", "delay", "--steps", "2",
+                        "--train-samples", "4", "--cluster", "local", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "ValueError" in err[0] and "training samples" in err[0], p.stderr
