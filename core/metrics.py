@@ -63,21 +63,31 @@ def read_result(folder: str) -> dict:
 
 def format_summary(result: dict, folder: str) -> str:
     """The short human summary printed at the end of a job."""
-    lines = [f"== {result['strategy']} on {result['world_size']} process(es), {result['device']}: "
-             f"{result['model']} / {result['dataset']}, {result['steps']} steps"]
-    lines.append(f"   final loss {result['final_loss']:.4f}   {result['samples_per_sec']:.1f} samples/s   "
-                 f"train time {result['train_time_s']:.1f} s")
+    lines = [
+        f"== {result['strategy']} on {result['world_size']} process(es), {result['device']}: "
+        f"{result['model']} / {result['dataset']}, {result['steps']} steps"
+    ]
+    lines.append(
+        f"   final loss {result['final_loss']:.4f}   {result['samples_per_sec']:.1f} samples/s   "
+        f"train time {result['train_time_s']:.1f} s"
+    )
     if result.get("eval_accuracy") is not None:
-        lines.append(f"   eval accuracy {100 * result['eval_accuracy']:.2f}% on {result['eval_samples']:,} held-out samples")
+        lines.append(
+            f"   eval accuracy {100 * result['eval_accuracy']:.2f}% on {result['eval_samples']:,} held-out samples"
+        )
     mem = ", ".join(f"{b / 2**20:.0f}" for b in result["peak_memory_bytes"])
     lines.append(f"   peak memory (MiB, {result['peak_memory_kind']}): {mem}")
     if "bubble_fraction" in result:
-        lines.append(f"   {result['schedule']} with {result['microbatches']} micro-batches: bubble "
-                     f"{100 * result['bubble_fraction']:.1f}% measured, {100 * result['bubble_fraction_theory']:.1f}% theory")
+        lines.append(
+            f"   {result['schedule']} with {result['microbatches']} micro-batches: bubble "
+            f"{100 * result['bubble_fraction']:.1f}% measured, {100 * result['bubble_fraction_theory']:.1f}% theory"
+        )
     if "check" in result:
         c = result["check"]
         verdict = "PASSED" if c["passed"] else "FAILED"
-        lines.append(f"   check {verdict}: max |loss diff| {c['max_loss_abs_diff']:.3g}, max grad rel diff "
-                     f"{c['max_grad_rel_diff']:.3g} (tolerance {c['tolerance']:.0e})")
+        lines.append(
+            f"   check {verdict}: max |loss diff| {c['max_loss_abs_diff']:.3g}, max grad rel diff "
+            f"{c['max_grad_rel_diff']:.3g} (tolerance {c['tolerance']:.0e})"
+        )
     lines.append(f"   results in {folder}")
     return "\n".join(lines)

@@ -52,9 +52,14 @@ class CheckSummary:
         return self.steps > 0 and self.max_loss_abs_diff <= self.tolerance and self.max_grad_rel_diff <= self.tolerance
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "max_loss_abs_diff": self.max_loss_abs_diff,
-                "max_grad_rel_diff": self.max_grad_rel_diff, "tolerance": self.tolerance,
-                "steps_compared": self.steps, "worst_param": self.worst_param}
+        return {
+            "passed": self.passed,
+            "max_loss_abs_diff": self.max_loss_abs_diff,
+            "max_grad_rel_diff": self.max_grad_rel_diff,
+            "tolerance": self.tolerance,
+            "steps_compared": self.steps,
+            "worst_param": self.worst_param,
+        }
 
 
 class ParityChecker:

@@ -34,8 +34,13 @@ def draw_timeline(ax, actions: list, title: str, step: int | None = None) -> Non
     ax.set_xlabel("ms since the step began (white = idle)")
     ax.set_title(title, fontsize=10)
     kinds = sorted({get(a, "kind") for a in acts}, key="FBIW".index)
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds],
-              labels=[LABELS[k] for k in kinds], loc="upper right", fontsize=7, ncols=len(kinds))
+    ax.legend(
+        handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds],
+        labels=[LABELS[k] for k in kinds],
+        loc="upper right",
+        fontsize=7,
+        ncols=len(kinds),
+    )
 
 
 def save_timeline_png(actions: list, path: str, title: str) -> None:
@@ -50,8 +55,9 @@ def save_timeline_png(actions: list, path: str, title: str) -> None:
 def save_stacked_timelines(panels: list[tuple[str, list]], path: str) -> None:
     """Several runs' timelines above one another, on a shared time axis: how users pick a schedule."""
     heights = [1.0 + 0.5 * max(len({a["rank"] for a in acts}), 1) for _, acts in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), sharex=True,
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(11, sum(heights)), sharex=True, gridspec_kw={"height_ratios": heights}, squeeze=False
+    )
     for ax, (title, acts) in zip(axes[:, 0], panels):
         draw_timeline(ax, acts, title)
     fig.tight_layout()

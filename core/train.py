@@ -53,13 +53,16 @@ def log(state: DistState, msg: str) -> None:
 def total_steps(cfg: RunConfig, train: Split) -> int:
     per_epoch = steps_per_epoch(train, cfg.resolved_batch_size) // cfg.grad_accum
     if per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.resolved_batch_size} x --grad-accum {cfg.grad_accum} is more than "
-                         f"the {len(train)} training samples")
+        raise ValueError(
+            f"--batch-size {cfg.resolved_batch_size} x --grad-accum {cfg.grad_accum} is more than "
+            f"the {len(train)} training samples"
+        )
     return cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch
 
 
-def run(cfg: RunConfig, state: DistState, build: BuildFn, out_dir: str | None = None,
-        dataset: Dataset | None = None) -> dict:
+def run(
+    cfg: RunConfig, state: DistState, build: BuildFn, out_dir: str | None = None, dataset: Dataset | None = None
+) -> dict:
     """Train, evaluate, write result.json (rank 0) into out_dir; return the result on every rank."""
     set_numerics(cfg)
     torch.manual_seed(cfg.seed)
@@ -112,8 +115,11 @@ def run(cfg: RunConfig, state: DistState, build: BuildFn, out_dir: str | None = 
                 now = clock.now()
                 step_times.append(now - last)
                 last = now
-                log(state, f"step {step}/{n_steps}  epoch {epoch + 1}  loss {loss.item():.4f}  "
-                    f"{step * bs * cfg.grad_accum / clock.elapsed():.1f} samples/s")
+                log(
+                    state,
+                    f"step {step}/{n_steps}  epoch {epoch + 1}  loss {loss.item():.4f}  "
+                    f"{step * bs * cfg.grad_accum / clock.elapsed():.1f} samples/s",
+                )
             if step >= n_steps:
                 break
         epoch += 1
@@ -124,13 +130,26 @@ def run(cfg: RunConfig, state: DistState, build: BuildFn, out_dir: str | None = 
     peaks, peak_kind = metrics.peak_memory_bytes(built.devices)
     per_rank_peaks = all_gather_floats([float(max(peaks))], state) if state.world_size > 1 else [[p] for p in peaks]
     result = {
-        "strategy": cfg.strategy, "model": cfg.model, "flavor": cfg.flavor, "dataset": cfg.resolved_dataset,
-        "data_source": data.description, "world_size": state.world_size, "nodes": cfg.nodes,
-        "device": str(built.input_device.type), "devices": [str(d) for d in built.devices],
-        "torch_version": torch.__version__, "config": cfg.to_dict(), "steps": len(loss_values),
-        "losses": loss_values, "final_loss": loss_values[-1], "eval_accuracy": eval_acc, "eval_samples": eval_n,
-        "train_time_s": train_time, "samples_per_sec": len(loss_values) * bs * cfg.grad_accum / train_time,
-        "peak_memory_bytes": [int(r[0]) for r in per_rank_peaks], "peak_memory_kind": peak_kind,
+        "strategy": cfg.strategy,
+        "model": cfg.model,
+        "flavor": cfg.flavor,
+        "dataset": cfg.resolved_dataset,
+        "data_source": data.description,
+        "world_size": state.world_size,
+        "nodes": cfg.nodes,
+        "device": str(built.input_device.type),
+        "devices": [str(d) for d in built.devices],
+        "torch_version": torch.__version__,
+        "config": cfg.to_dict(),
+        "steps": len(loss_values),
+        "losses": loss_values,
+        "final_loss": loss_values[-1],
+        "eval_accuracy": eval_acc,
+        "eval_samples": eval_n,
+        "train_time_s": train_time,
+        "samples_per_sec": len(loss_values) * bs * cfg.grad_accum / train_time,
+        "peak_memory_bytes": [int(r[0]) for r in per_rank_peaks],
+        "peak_memory_kind": peak_kind,
     }
     result.update(built.result_extras())
     if checker:
@@ -154,8 +173,8 @@ def evaluate(cfg: RunConfig, built: Built, test: Split | None, state: DistState)
     correct = torch.zeros((), dtype=torch.long, device=built.target_device)
     scored = False
     for start in range(0, len(test), bs):
-        x = test.x[start:start + bs].to(built.input_device)
-        y = test.y[start:start + bs].to(built.target_device)
+        x = test.x[start : start + bs].to(built.input_device)
+        y = test.y[start : start + bs].to(built.target_device)
         n = len(x)
         if n < bs:  # pad the tail: pipelines need whole batches; padded rows are not scored
             x = torch.cat([x, x.new_zeros((bs - n, *x.shape[1:]))])

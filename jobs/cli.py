@@ -37,34 +37,52 @@ def _float(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python jobs/submit.py", description=__doc__,
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(
+        prog="python jobs/submit.py", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     c = RunConfig()
     p.add_argument("--strategy", default=c.strategy, help=f"one of {', '.join(STRATEGIES)}")
-    p.add_argument("--gpus", type=int, default=c.gpus, help="devices the model is split over (CPU: devices or processes)")
+    p.add_argument(
+        "--gpus", type=int, default=c.gpus, help="devices the model is split over (CPU: devices or processes)"
+    )
     p.add_argument("--nodes", type=int, default=c.nodes, help="nodes (Slurm only)")
     p.add_argument("--model", default=c.model, help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--flavor", default=c.flavor, help="model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small")
+    p.add_argument(
+        "--flavor", default=c.flavor, help="model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small"
+    )
     p.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default: by model)")
     p.add_argument("--data-dir", default=c.data_dir, help="MNIST folder (downloaded on the submitting host)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 1)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: mnist-cnn 128, gpt 8, delay 16)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="global batch (default: mnist-cnn 128, gpt 8, delay 16)"
+    )
     p.add_argument("--lr", type=_float("--lr"), default=None, help="learning rate (default: 1e-3 SGD; gpt 3e-4 AdamW)")
     p.add_argument("--seed", type=int, default=c.seed)
     p.add_argument("--train-samples", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N held-out samples only")
-    p.add_argument("--split", type=_split, default=None, help="mp/pp: blocks per stage, e.g. 2,1,3 (default: balance parameters)")
+    p.add_argument(
+        "--split", type=_split, default=None, help="mp/pp: blocks per stage, e.g. 2,1,3 (default: balance parameters)"
+    )
     p.add_argument("--microbatches", type=int, default=None, help="pp: micro-batches per batch (default 2 x stages)")
-    p.add_argument("--schedule", default=c.schedule, help="pp: gpipe, 1f1b, interleaved-1f1b, looped-bfs, "
-                   "interleaved-zero-bubble, zbv-zero-bubble, dualpipev")
+    p.add_argument(
+        "--schedule",
+        default=c.schedule,
+        help="pp: gpipe, 1f1b, interleaved-1f1b, looped-bfs, interleaved-zero-bubble, zbv-zero-bubble, dualpipev",
+    )
     p.add_argument("--tp", type=int, default=c.tp, help="tensor-parallel degree (pp: inside each stage)")
+    p.add_argument("--sequence-parallel", action="store_true", help="tp, gpt: sequence parallel norms/activations")
+    p.add_argument("--loss-parallel", action="store_true", help="tp, gpt: cross-entropy on vocabulary-sharded logits")
     p.add_argument("--grad-accum", type=int, default=c.grad_accum, help="batches accumulated per optimizer step")
     p.add_argument("--dtype", default=c.dtype, help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--check", action="store_true", help="compare loss and every gradient with a single-device run")
-    p.add_argument("--check-tol", type=_float("--check-tol"), default=None,
-                   help="relative tolerance of --check (default: fp32 1e-5, bf16 2e-2)")
+    p.add_argument(
+        "--check-tol",
+        type=_float("--check-tol"),
+        default=None,
+        help="relative tolerance of --check (default: fp32 1e-5, bf16 2e-2)",
+    )
     p.add_argument("--cluster", default=c.cluster, help=f"one of {', '.join(CLUSTERS)}")
     p.add_argument("--device", default=c.device, help=f"one of {', '.join(DEVICES)}")
     p.add_argument("--container", default=None, help="Apptainer image (.sif) or pyxis:IMAGE (Slurm)")
@@ -72,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", default=None)
     p.add_argument("--time", type=int, default=c.time, help="time limit in minutes")
     p.add_argument("--out", default=None, help="run folder (default runs/<strategy>-<time>/)")
-    p.add_argument("--dist-timeout", type=_float("--dist-timeout"), default=c.dist_timeout_s,
-                   help="seconds any collective may wait before the job fails")
+    p.add_argument(
+        "--dist-timeout",
+        type=_float("--dist-timeout"),
+        default=c.dist_timeout_s,
+        help="seconds any collective may wait before the job fails",
+    )
     p.add_argument("--log-every", type=int, default=c.log_every, help="progress line every N steps")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
     p.add_argument("--no-wait", action="store_true", help="submit and return; results land in the run folder")
@@ -82,11 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     return RunConfig(
-        strategy=a.strategy, gpus=a.gpus, nodes=a.nodes, model=a.model, flavor=a.flavor, dataset=a.dataset,
-        data_dir=a.data_dir, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-        train_samples=a.train_samples, eval_samples=a.eval_samples, split=a.split, microbatches=a.microbatches,
-        schedule=a.schedule, tp=a.tp, grad_accum=a.grad_accum, dtype=a.dtype, check=a.check,
-        check_tol=a.check_tol, cluster=a.cluster, device=a.device, container=a.container,
-        partition=a.partition, account=a.account, time=a.time, out=a.out, dist_timeout_s=a.dist_timeout,
+        strategy=a.strategy,
+        gpus=a.gpus,
+        nodes=a.nodes,
+        model=a.model,
+        flavor=a.flavor,
+        dataset=a.dataset,
+        data_dir=a.data_dir,
+        epochs=a.epochs,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        train_samples=a.train_samples,
+        eval_samples=a.eval_samples,
+        split=a.split,
+        microbatches=a.microbatches,
+        schedule=a.schedule,
+        tp=a.tp,
+        sequence_parallel=a.sequence_parallel,
+        loss_parallel=a.loss_parallel,
+        grad_accum=a.grad_accum,
+        dtype=a.dtype,
+        check=a.check,
+        check_tol=a.check_tol,
+        cluster=a.cluster,
+        device=a.device,
+        container=a.container,
+        partition=a.partition,
+        account=a.account,
+        time=a.time,
+        out=a.out,
+        dist_timeout_s=a.dist_timeout,
         log_every=max(1, a.log_every),
     )

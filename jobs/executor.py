@@ -78,6 +78,8 @@ def describe(ex: submitit.Executor, cluster: str, cfg: RunConfig) -> str:
         inner = ex  # SlurmExecutor renders its script from the parameters; the command is submitit's
         return inner._make_submission_file_text(inner._submitit_command_str, "<uid>")
     shape = job_shape(cfg, bool(ex.parameters.get("gpus_per_node")))
-    return (f"local executor (submitit): {shape['tasks_per_node']} process(es) on this host, "
-            f"gpus_per_node={shape['gpus_per_node']}, time limit {cfg.time} min, folder {ex.folder}\n"
-            f"each process runs: {ex._submitit_command_str}")
+    return (
+        f"local executor (submitit): {shape['tasks_per_node']} process(es) on this host, "
+        f"gpus_per_node={shape['gpus_per_node']}, time limit {cfg.time} min, folder {ex.folder}\n"
+        f"each process runs: {ex._submitit_command_str}"
+    )

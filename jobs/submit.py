@@ -96,8 +96,15 @@ def follow(job, stop_when_done: bool = True) -> None:
         time.sleep(0.5)
 
 
-SECONDARY = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
-             "communicator was aborted", "job did not complete")
+SECONDARY = (
+    "timed out",
+    "timeout",
+    "connection closed by peer",
+    "connection reset",
+    "broken pipe",
+    "communicator was aborted",
+    "job did not complete",
+)
 
 
 def exception_line(text: str) -> str:
@@ -134,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.executor import describe, free_port, make_executor
     from jobs.task import TrainTask
 
-    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()
-                               if v not in (None, {}, False) and k != "extra"), flush=True)
+    print(
+        "config: "
+        + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if v not in (None, {}, False) and k != "extra"),
+        flush=True,
+    )
     log_dir = os.path.join(folder, "submitit")
     if args.dry_run:  # submitit's executors create their folder: render the plan in a scratch one
         import shutil

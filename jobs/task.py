@@ -27,8 +27,7 @@ class TrainTask:
                 os.environ["MASTER_PORT"] = str(self.master_port)
             # one GPU per task for pp/tp (each task then sees its GPU as cuda:0)
             one_gpu_each = cfg.extra.get("on_cuda", False)
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=one_gpu_each,
-                                                                  overwrite=True)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=one_gpu_each, overwrite=True)
         tp = cfg.gpus if cfg.strategy == "tp" else (cfg.tp if cfg.strategy == "pp" else 1)
         state = distributed.init_distributed(cfg.device, tp=tp, timeout_s=cfg.dist_timeout_s)
         try:

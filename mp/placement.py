@@ -65,5 +65,13 @@ def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
             return model(x)
 
     unique = list(dict.fromkeys(devices))
-    return Built(list(model.named_parameters()), step, predict, first, last, unique, model.train,
-                 result_extras=lambda: {"stages": stages})
+    return Built(
+        list(model.named_parameters()),
+        step,
+        predict,
+        first,
+        last,
+        unique,
+        model.train,
+        result_extras=lambda: {"stages": stages},
+    )

@@ -27,7 +27,6 @@ from core.strategy import Built, autocast
 from pp.schedules import SCHEDULES, min_microbatches, stage_indices, theory_bubble
 from pp.timeline import TimelineRecorder, chrome_trace, gather_actions, measured_bubble
 
-
 # torch 2.14: ZBV's eval() fails ("can't steal_bwd_input if this stage doesn't have backward") and
 # DualPipeV's cannot run forward-only either: these runs report no eval accuracy
 NO_EVAL = {"zbv-zero-bubble", "dualpipev"}
@@ -62,24 +61,31 @@ def validate(cfg: RunConfig) -> None:
     n_stages = p * info.stages_per_rank
     n_blocks = count_blocks(cfg.model, cfg.flavor)
     if n_stages > n_blocks:
-        raise ConfigError(f"--schedule {cfg.schedule} on {p} pipeline ranks needs {n_stages} stages "
-                          f"({info.stages_per_rank} per rank), but {cfg.model} has {n_blocks} blocks: "
-                          f"use fewer --gpus or gpipe/1f1b")
+        raise ConfigError(
+            f"--schedule {cfg.schedule} on {p} pipeline ranks needs {n_stages} stages "
+            f"({info.stages_per_rank} per rank), but {cfg.model} has {n_blocks} blocks: "
+            f"use fewer --gpus or gpipe/1f1b"
+        )
     if cfg.split is not None and len(cfg.split) != n_stages:
-        raise ConfigError(f"--split gives {len(cfg.split)} stages; --schedule {cfg.schedule} on {p} ranks "
-                          f"has {n_stages}")
+        raise ConfigError(
+            f"--split gives {len(cfg.split)} stages; --schedule {cfg.schedule} on {p} ranks has {n_stages}"
+        )
     b = cfg.resolved_batch_size
     if cfg.microbatches is not None and cfg.microbatches < 1:
         raise ConfigError(f"--microbatches must be at least 1 (got {cfg.microbatches})")
     m = resolved_microbatches(cfg)
     if b % m:
         divs = [d for d in range(1, b + 1) if b % d == 0 and d >= min_microbatches(cfg.schedule, p)]
-        raise ConfigError(f"--batch-size {b} does not split into {m} equal micro-batches: pick --microbatches "
-                          f"from {', '.join(map(str, divs[:8]))} or change --batch-size")
+        raise ConfigError(
+            f"--batch-size {b} does not split into {m} equal micro-batches: pick --microbatches "
+            f"from {', '.join(map(str, divs[:8]))} or change --batch-size"
+        )
     need = min_microbatches(cfg.schedule, p)
     if m < need:
-        raise ConfigError(f"--schedule {cfg.schedule} needs at least {need} micro-batches on {p} pipeline ranks "
-                          f"(got {m}): raise --microbatches")
+        raise ConfigError(
+            f"--schedule {cfg.schedule} needs at least {need} micro-batches on {p} pipeline ranks "
+            f"(got {m}): raise --microbatches"
+        )
     if cfg.tp > 1:
         from tp import validate as tp_validate
 
@@ -160,10 +166,15 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
     def result_extras() -> dict:
         bubble, step_time = measured_bubble(timeline())
         return {
-            "schedule": cfg.schedule, "microbatches": m, "pipeline_ranks": p, "tp": state.tp,
-            "stages_per_rank": info.stages_per_rank, "stages": names,
+            "schedule": cfg.schedule,
+            "microbatches": m,
+            "pipeline_ranks": p,
+            "tp": state.tp,
+            "stages_per_rank": info.stages_per_rank,
+            "stages": names,
             "stage_of_rank": {r: stage_indices(cfg.schedule, r, p) for r in range(p)},
-            "bubble_fraction": bubble, "bubble_fraction_theory": theory_bubble(cfg.schedule, p, m),
+            "bubble_fraction": bubble,
+            "bubble_fraction_theory": theory_bubble(cfg.schedule, p, m),
             "timeline_step_time_s": step_time,
         }
 
@@ -179,10 +190,23 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
                 json.dump(chrome_trace(actions, title), f)
             bubble, _ = measured_bubble(actions)
             theory = theory_bubble(cfg.schedule, p, m)
-            sub = f" (bubble {100 * bubble:.0f}% measured" + (f", {100 * theory:.0f}% theory)" if theory is not None
-                                                               else ")") if bubble is not None else ""
+            sub = (
+                f" (bubble {100 * bubble:.0f}% measured"
+                + (f", {100 * theory:.0f}% theory)" if theory is not None else ")")
+                if bubble is not None
+                else ""
+            )
             save_timeline_png([a.__dict__ for a in actions], os.path.join(folder, "timeline.png"), title + sub)
 
     params = [(n, prm) for sub in modules for n, prm in sub.named_parameters()]
-    return Built(params, step, predict, device, device, [device], train_mode,
-                 result_extras=result_extras, save_artifacts=save_artifacts)
+    return Built(
+        params,
+        step,
+        predict,
+        device,
+        device,
+        [device],
+        train_mode,
+        result_extras=result_extras,
+        save_artifacts=save_artifacts,
+    )

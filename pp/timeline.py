@@ -133,12 +133,26 @@ def chrome_trace(actions: list[Action], title: str) -> dict:
     events = []
     for r in sorted({a.rank for a in actions}):
         stages = sorted({a.stage for a in actions if a.rank == r})
-        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r,
-                       "args": {"name": f"rank {r} (stage {', '.join(map(str, stages))})"}})
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": 0,
+                "tid": r,
+                "args": {"name": f"rank {r} (stage {', '.join(map(str, stages))})"},
+            }
+        )
     for a in actions:
-        events.append({
-            "name": f"{a.kind}{a.microbatch}", "cat": KIND_NAMES[a.kind], "ph": "X", "pid": 0, "tid": a.rank,
-            "ts": (a.start - t0) * 1e6, "dur": (a.end - a.start) * 1e6,
-            "args": {"step": a.step, "stage": a.stage, "microbatch": a.microbatch, "kind": KIND_NAMES[a.kind]},
-        })
+        events.append(
+            {
+                "name": f"{a.kind}{a.microbatch}",
+                "cat": KIND_NAMES[a.kind],
+                "ph": "X",
+                "pid": 0,
+                "tid": a.rank,
+                "ts": (a.start - t0) * 1e6,
+                "dur": (a.end - a.start) * 1e6,
+                "args": {"step": a.step, "stage": a.stage, "microbatch": a.microbatch, "kind": KIND_NAMES[a.kind]},
+            }
+        )
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"title": title}}

@@ -21,8 +21,14 @@ def free_port() -> int:
 
 
 def _child(fn, rank: int, world: int, port: int, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks on 2 cores: no thread oversubscription
     try:
         results.put((rank, True, fn()))

@@ -30,5 +30,6 @@ def small_mnist(n_train: int = 512, n_test: int = 256) -> Dataset:
     from core.data import load_mnist
 
     d = load_mnist("/nonexistent-mnist-dir")
-    return Dataset(Split(d.train.x[:n_train], d.train.y[:n_train]), Split(d.test.x[:n_test], d.test.y[:n_test]),
-                   d.description)
+    return Dataset(
+        Split(d.train.x[:n_train], d.train.y[:n_train]), Split(d.test.x[:n_test], d.test.y[:n_test]), d.description
+    )

@@ -19,8 +19,18 @@ def test_count_blocks_matches_built_model(name, flavor):
 def test_mnist_cnn_is_the_notebooks_network_layer_for_layer():
     m = build_model("mnist-cnn")
     kinds = [type(mod).__name__ for mod in m.modules() if not list(mod.children())]
-    assert kinds == ["Conv2d", "Dropout2d", "Conv2d", "Dropout2d", "MaxPool2d", "Flatten",
-                     "Linear", "Linear", "Linear", "LogSoftmax"]
+    assert kinds == [
+        "Conv2d",
+        "Dropout2d",
+        "Conv2d",
+        "Dropout2d",
+        "MaxPool2d",
+        "Flatten",
+        "Linear",
+        "Linear",
+        "Linear",
+        "LogSoftmax",
+    ]
     assert m.blocks.fc1.in_features == 9216 and m.blocks.fc2.out_features == 20
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from helpers import cfg, small_mnist
 
 from core.data import Dataset, Split
 from core.distributed import DistState
 from core.models import build_model
 from core.train import run
-from helpers import cfg, small_mnist
 from jobs.strategies import get_build
 from mp import place_layers
 

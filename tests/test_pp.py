@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from core.config import ConfigError
 from harness import run_ranks
 from helpers import cfg, small_mnist
+
+from core.config import ConfigError
 from pp.schedules import SCHEDULES
 
 MODELS = {"mnist-cnn": dict(batch_size=16), "gpt": dict(flavor="tiny", batch_size=8)}
@@ -81,10 +81,18 @@ class GradAccum:
         data = small_mnist(256, 32)
         try:
             # check=True on both: it turns dropout off (masks depend on the batch cut) and checks pp too
-            pp = run(cfg(strategy="pp", gpus=2, steps=3, batch_size=16, grad_accum=2, schedule="gpipe", check=True),
-                     state, get_build("pp"), dataset=data)
-            ref = run(cfg(strategy="reference", steps=3, batch_size=32, check=True), distributed.DistState(
-                device=state.device), get_build("reference"), dataset=data)
+            pp = run(
+                cfg(strategy="pp", gpus=2, steps=3, batch_size=16, grad_accum=2, schedule="gpipe", check=True),
+                state,
+                get_build("pp"),
+                dataset=data,
+            )
+            ref = run(
+                cfg(strategy="reference", steps=3, batch_size=32, check=True),
+                distributed.DistState(device=state.device),
+                get_build("reference"),
+                dataset=data,
+            )
         finally:
             distributed.shutdown()
         assert pp["check"]["passed"], pp["check"]

@@ -32,12 +32,18 @@ BAD = {
     "nodes on local": (["--cluster", "local", "--nodes", "2", "--gpus", "2"], "needs Slurm"),
     "pp unknown schedule": (["--strategy", "pp", "--gpus", "2", "--schedule", "fast"], "unknown --schedule"),
     "pp batch not divisible": (["--strategy", "pp", "--gpus", "2", "--microbatches", "5"], "does not split into 5"),
-    "pp too few microbatches": (["--strategy", "pp", "--gpus", "4", "--model", "gpt", "--microbatches", "2"],
-                                "needs at least 4 micro-batches"),
-    "pp interleaved too many stages": (["--strategy", "pp", "--gpus", "4", "--model", "gpt",
-                                        "--schedule", "interleaved-1f1b"], "needs 8 stages"),
-    "pp split wrong length": (["--strategy", "pp", "--gpus", "2", "--split", "3,3", "--schedule",
-                               "interleaved-1f1b"], "--split gives 2 stages"),
+    "pp too few microbatches": (
+        ["--strategy", "pp", "--gpus", "4", "--model", "gpt", "--microbatches", "2"],
+        "needs at least 4 micro-batches",
+    ),
+    "pp interleaved too many stages": (
+        ["--strategy", "pp", "--gpus", "4", "--model", "gpt", "--schedule", "interleaved-1f1b"],
+        "needs 8 stages",
+    ),
+    "pp split wrong length": (
+        ["--strategy", "pp", "--gpus", "2", "--split", "3,3", "--schedule", "interleaved-1f1b"],
+        "--split gives 2 stages",
+    ),
 }
 
 
@@ -46,8 +52,13 @@ def test_bad_input_one_line_exit_2_nothing_started(case, tmp_path, capsys):
     args, expected = BAD[case]
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        sys.exit(main(args + ["--cluster", "local", "--device", "cpu", "--out", str(out)]
-                      if "--cluster" not in args else args + ["--device", "cpu", "--out", str(out)]))
+        sys.exit(
+            main(
+                args + ["--cluster", "local", "--device", "cpu", "--out", str(out)]
+                if "--cluster" not in args
+                else args + ["--device", "cpu", "--out", str(out)]
+            )
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
@@ -97,8 +108,12 @@ def test_existing_result_is_never_overwritten(tmp_path, capsys):
 
 def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--strategy", "mp", "--gpus", "3", "--cluster", "local", "--device", "cpu", "--dry-run",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            ["--strategy", "mp", "--gpus", "3", "--cluster", "local", "--device", "cpu", "--dry-run", "--out", str(out)]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "dry run" in text and "1 process(es)" in text
     assert not out.exists()
@@ -107,14 +122,48 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, capsys):
 def test_mp_job_through_submitit_writes_result_with_passed_check(tmp_path):
     """The issue's command, shortened: a real submitit local job, as a user runs it."""
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, SUBMIT, "--strategy", "mp", "--gpus", "3", "--check", "--steps", "5",
-                        "--cluster", "local", "--data-dir", str(tmp_path / "data"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            SUBMIT,
+            "--strategy",
+            "mp",
+            "--gpus",
+            "3",
+            "--check",
+            "--steps",
+            "5",
+            "--cluster",
+            "local",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "check PASSED" in p.stdout and "eval accuracy" in p.stdout
     r = json.loads((out / "result.json").read_text())
-    for key in ("strategy", "model", "dataset", "world_size", "nodes", "device", "config", "steps", "losses",
-                "final_loss", "eval_accuracy", "samples_per_sec", "peak_memory_bytes", "check"):
+    for key in (
+        "strategy",
+        "model",
+        "dataset",
+        "world_size",
+        "nodes",
+        "device",
+        "config",
+        "steps",
+        "losses",
+        "final_loss",
+        "eval_accuracy",
+        "samples_per_sec",
+        "peak_memory_bytes",
+        "check",
+    ):
         assert key in r, key
     assert r["strategy"] == "mp" and r["steps"] == 5 and len(r["losses"]) == 5
     assert r["check"]["passed"] and r["check"]["max_grad_rel_diff"] == 0.0
@@ -126,9 +175,30 @@ def test_a_failing_rank_is_reported_in_one_line(tmp_path):
     """A job whose task raises ends with exit 1 and that task's own exception, not a traceback."""
     out = tmp_path / "run"
     # --train-samples smaller than one batch: the job itself fails (after submission, by design)
-    p = subprocess.run([sys.executable, SUBMIT, "--strategy", "pp", "--gpus", "2", "--model", "delay", "--steps", "2",
-                        "--train-samples", "4", "--cluster", "local", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            SUBMIT,
+            "--strategy",
+            "pp",
+            "--gpus",
+            "2",
+            "--model",
+            "delay",
+            "--steps",
+            "2",
+            "--train-samples",
+            "4",
+            "--cluster",
+            "local",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert p.returncode == 1
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "ValueError" in err[0] and "training samples" in err[0], p.stderr

@@ -92,6 +92,6 @@ def stage_blocks(model: BlockModel, stages: int, split: list[int] | None = None)
     sizes = split if split is not None else balanced_split(model.block_params(), stages)
     out, start = [], 0
     for size in sizes:
-        out.append(names[start:start + size])
+        out.append(names[start : start + size])
         start += size
     return out

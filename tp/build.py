@@ -1,0 +1,63 @@
+"""--strategy tp: the whole model on every rank, each layer's matrices split over all ranks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from core.config import RunConfig
+from core.distributed import DistState
+from core.models import BlockModel
+from core.strategy import Built, autocast
+from tp.comm import CommCounter
+from tp.plan import apply_tp
+
+
+def loss_context(cfg: RunConfig):
+    if cfg.loss_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
+    device = state.device
+    model.to(device)
+    apply_tp(model, state.mesh["tp"], cfg)
+    comm: dict = {}
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # count the collectives of the first step only: counting costs a dispatch per op
+        counter = CommCounter() if not comm else contextlib.nullcontext()
+        with counter:
+            with autocast(cfg, device):
+                out = model(x)
+            with loss_context(cfg):
+                loss = model.loss(out, y)
+                loss.backward()
+        if not comm:
+            comm.update(counter.summary(layer_suffix="blocks.h0" if cfg.model == "gpt" else None))
+        return _local(loss.detach())
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg, device):
+            return _local(model(x))
+
+    def extras() -> dict:
+        return {
+            "tp": state.tp,
+            "sequence_parallel": cfg.sequence_parallel,
+            "loss_parallel": cfg.loss_parallel,
+            "communication_first_step": comm,
+        }
+
+    return Built(
+        list(model.named_parameters()), step, predict, device, device, [device], model.train, result_extras=extras
+    )
