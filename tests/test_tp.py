@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from core.config import ConfigError
 from harness import run_ranks
 from helpers import cfg, small_mnist
+
+from core.config import ConfigError
 
 
 class TPMatrix:
