@@ -77,10 +77,12 @@ def format_summary(result: dict, folder: str) -> str:
         )
     mem = ", ".join(f"{b / 2**20:.0f}" for b in result["peak_memory_bytes"])
     lines.append(f"   peak memory (MiB, {result['peak_memory_kind']}): {mem}")
-    if "bubble_fraction" in result:
+    if result.get("bubble_fraction") is not None:
+        what = f"{result['schedule']} with {result['microbatches']} micro-batches" if "schedule" in result else "idle"
+        theory = result.get("bubble_fraction_theory")
         lines.append(
-            f"   {result['schedule']} with {result['microbatches']} micro-batches: bubble "
-            f"{100 * result['bubble_fraction']:.1f}% measured, {100 * result['bubble_fraction_theory']:.1f}% theory"
+            f"   {what}: bubble {100 * result['bubble_fraction']:.1f}% measured"
+            + (f", {100 * theory:.1f}% theory" if theory is not None else "")
         )
     if "check" in result:
         c = result["check"]

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds any collective may wait before the job fails",
     )
     p.add_argument("--log-every", type=int, default=c.log_every, help="progress line every N steps")
+    p.add_argument(
+        "--compare", action="store_true", help="run mp and every pp schedule on the same model; one table, one PNG"
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
     p.add_argument("--no-wait", action="store_true", help="submit and return; results land in the run folder")
     return p

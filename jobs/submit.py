@@ -129,25 +129,22 @@ def first_failure(job) -> str:
     return f"rank {messages[0][0]}: {messages[0][1]}" if messages else "unknown failure"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet: bool = False) -> tuple[int, str]:
+    """Validate, submit one job, wait for it and print its summary. Returns (exit code, run folder)."""
     try:
         cluster, folder, on_cuda = prepare(cfg)
     except (ConfigError, DataError) as e:
-        return fail(str(e))
+        return fail(str(e)), ""
 
     from core.metrics import format_summary, read_result
     from jobs.executor import describe, free_port, make_executor
     from jobs.task import TrainTask
 
-    print(
-        "config: "
-        + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if v not in (None, {}, False) and k != "extra"),
-        flush=True,
-    )
+    shown = {k: v for k, v in cfg.to_dict().items() if v not in (None, {}, False) and k != "extra"}
+    if not quiet:
+        print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
     log_dir = os.path.join(folder, "submitit")
-    if args.dry_run:  # submitit's executors create their folder: render the plan in a scratch one
+    if dry_run:  # submitit's executors create their folder: render the plan in a scratch one
         import shutil
         import tempfile
 
@@ -158,25 +155,39 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
         print(f"dry run: would submit to {cluster}; run folder {folder}")
         print(plan)
-        return 0
+        return 0, folder
     executor = make_executor(cfg, log_dir, cluster, on_cuda)
     os.makedirs(folder, exist_ok=True)
     port = free_port() if cluster == "local" else None
     job = executor.submit(TrainTask(cfg.to_dict(), folder, port))
     print(f"submitted job {job.job_id} to {cluster} ({cfg.world_size} task(s)); run folder {folder}", flush=True)
-    if args.no_wait:
+    if no_wait:
         print(f"not waiting: results will be in {folder}/result.json")
-        return 0
+        return 0, folder
     try:
-        follow(job)
+        if quiet:
+            job.wait()
+        else:
+            follow(job)
         job.results()
     except KeyboardInterrupt:
         job.cancel()
-        return fail("interrupted: job cancelled", 130)
+        return fail("interrupted: job cancelled", 130), folder
     except Exception:
-        return fail(f"job {job.job_id} failed: {first_failure(job)} (logs in {log_dir})", 1)
-    print(format_summary(read_result(folder), folder), flush=True)
-    return 0
+        return fail(f"job {job.job_id} failed: {first_failure(job)} (logs in {log_dir})", 1), folder
+    if not quiet:
+        print(format_summary(read_result(folder), folder), flush=True)
+    return 0, folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.compare:
+        from jobs.compare import compare
+
+        return compare(cfg, run_one)
+    return run_one(cfg, args.dry_run, args.no_wait)[0]
 
 
 if __name__ == "__main__":

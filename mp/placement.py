@@ -17,6 +17,7 @@ from core.config import RunConfig
 from core.distributed import DistState
 from core.models import BlockModel, stage_blocks
 from core.strategy import Built, autocast
+from core.timeline import RecordedTimeline, TimelineRecorder
 
 
 def stage_devices(n: int, kind: str) -> list[torch.device]:
@@ -46,25 +47,53 @@ def place_layers(model: BlockModel, devices: list[torch.device], split: list[int
     return stages
 
 
+def time_stages(model: BlockModel, stages: list[list[str]], recorder: TimelineRecorder) -> dict:
+    """Hooks that time each stage's forward and backward (one row per stage in the timeline).
+
+    Returns the open-action table; stage 0's backward ends when loss.backward() returns (its input,
+    the images, has no gradient for a module hook to fire on), so the caller closes it.
+    """
+    open_: dict = {}
+    for i, names in enumerate(stages):
+        first_block, last_block = model.blocks[names[0]], model.blocks[names[-1]]
+        first_block.register_forward_pre_hook(lambda m, a, i=i: open_.__setitem__(("F", i), recorder.start()))
+        last_block.register_forward_hook(lambda m, a, o, i=i: recorder.record(i, "F", 0, open_.pop(("F", i)), row=i))
+        last_block.register_full_backward_pre_hook(lambda m, g, i=i: open_.__setitem__(("B", i), recorder.start()))
+        if i > 0:
+            first_block.register_full_backward_hook(
+                lambda m, gi, go, i=i: recorder.record(i, "B", 0, open_.pop(("B", i)), row=i)
+            )
+    return open_
+
+
 def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     devices = stage_devices(cfg.gpus, state.device.type)
     stages = place_layers(model, devices, cfg.split)
     first, last = devices[0], devices[-1]
+    unique = list(dict.fromkeys(devices))
+    recorder = TimelineRecorder(0, first, sync_devices=unique if first.type == "cuda" else None)
+    open_actions = time_stages(model, stages, recorder)
+    timeline = RecordedTimeline(recorder, f"mp: {cfg.gpus} stages, {cfg.model}", (cfg.gpus - 1) / cfg.gpus)
+    calls = {"n": 0}
     print("mp stages: " + " | ".join(f"{d}: {','.join(n)}" for n, d in zip(stages, devices)), flush=True)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        recorder.begin_step(calls["n"])
         with autocast(cfg, first):
             out = model(x)
         loss = model.loss(out, y.to(out.device))
         loss.backward()
+        recorder.record(0, "B", 0, open_actions.pop(("B", 0), None), row=0)
+        recorder.end_step()
+        calls["n"] += 1
         return loss.detach()
 
     @torch.no_grad()
     def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        recorder.begin_step(-1)  # not recorded
         with autocast(cfg, first):
             return model(x)
 
-    unique = list(dict.fromkeys(devices))
     return Built(
         list(model.named_parameters()),
         step,
@@ -73,5 +102,6 @@ def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
         last,
         unique,
         model.train,
-        result_extras=lambda: {"stages": stages},
+        result_extras=lambda: {"stages": stages, **timeline.figures()},
+        save_artifacts=lambda folder: timeline.save(folder, True),
     )

@@ -13,8 +13,6 @@ shrinks gradients accumulated over several batches: torchtitan #1733.)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
@@ -24,8 +22,9 @@ from core.config import ConfigError, RunConfig
 from core.distributed import DistState
 from core.models import BlockModel, count_blocks, stage_blocks
 from core.strategy import Built, autocast
+from core.timeline import RecordedTimeline, TimelineRecorder
 from pp.schedules import SCHEDULES, min_microbatches, stage_indices, theory_bubble
-from pp.timeline import TimelineRecorder, chrome_trace, gather_actions, measured_bubble
+from pp.stage_timing import wrap_stage
 
 # torch 2.14: ZBV's eval() fails ("can't steal_bwd_input if this stage doesn't have backward") and
 # DualPipeV's cannot run forward-only either: these runs report no eval accuracy
@@ -112,7 +111,7 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         sub.to(device)
         sub.blocks[names[idx][-1]].register_forward_hook(_no_view_output)
         stage = PipelineStage(sub, idx, n_stages, device, group=pp_group)
-        recorder.wrap(stage)
+        wrap_stage(recorder, stage)
         modules.append(sub)
         stages.append(stage)
     del model  # this rank keeps only its stages
@@ -156,15 +155,11 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         for sub in modules:
             sub.train(flag)
 
-    cache: dict = {}
-
-    def timeline() -> list:
-        if "actions" not in cache:
-            cache["actions"] = gather_actions(recorder.actions)
-        return cache["actions"]
+    timeline = RecordedTimeline(
+        recorder, f"{cfg.schedule}: {p} ranks, {m} micro-batches, {cfg.model}", theory_bubble(cfg.schedule, p, m)
+    )
 
     def result_extras() -> dict:
-        bubble, step_time = measured_bubble(timeline())
         return {
             "schedule": cfg.schedule,
             "microbatches": m,
@@ -173,30 +168,8 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
             "stages_per_rank": info.stages_per_rank,
             "stages": names,
             "stage_of_rank": {r: stage_indices(cfg.schedule, r, p) for r in range(p)},
-            "bubble_fraction": bubble,
-            "bubble_fraction_theory": theory_bubble(cfg.schedule, p, m),
-            "timeline_step_time_s": step_time,
+            **timeline.figures(),
         }
-
-    def save_artifacts(folder: str) -> None:
-        actions = timeline()
-        if state.is_main and actions:
-            import json
-
-            from core.report import save_timeline_png
-
-            title = f"{cfg.schedule}: {p} ranks, {m} micro-batches, {cfg.model}"
-            with open(os.path.join(folder, "timeline.json"), "w") as f:
-                json.dump(chrome_trace(actions, title), f)
-            bubble, _ = measured_bubble(actions)
-            theory = theory_bubble(cfg.schedule, p, m)
-            sub = (
-                f" (bubble {100 * bubble:.0f}% measured"
-                + (f", {100 * theory:.0f}% theory)" if theory is not None else ")")
-                if bubble is not None
-                else ""
-            )
-            save_timeline_png([a.__dict__ for a in actions], os.path.join(folder, "timeline.png"), title + sub)
 
     params = [(n, prm) for sub in modules for n, prm in sub.named_parameters()]
     return Built(
@@ -208,5 +181,5 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         [device],
         train_mode,
         result_extras=result_extras,
-        save_artifacts=save_artifacts,
+        save_artifacts=lambda folder: timeline.save(folder, state.is_main),
     )

@@ -144,3 +144,41 @@ def test_timeline_files_are_well_formed_and_in_dependency_order(schedule, tmp_pa
     assert 0.0 <= result["bubble_fraction"] < 1.0
     if result["bubble_fraction_theory"] is not None:
         assert result["bubble_fraction_theory"] == pytest.approx(1 / (4 * SCHEDULES[schedule].stages_per_rank + 1))
+
+
+def test_compare_runs_mp_and_every_schedule_into_one_table_and_picture(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "cmp"
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "jobs", "submit.py"),
+            "--compare",
+            "--gpus",
+            "2",
+            "--model",
+            "delay",
+            "--steps",
+            "2",
+            "--cluster",
+            "local",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["mp", *SCHEDULES]
+    assert all("%" in r["bubble measured"] for r in rows)  # every run produced a measured timeline
+    mp = next(r for r in rows if r["run"] == "mp")
+    assert mp["bubble theory"] == "50.0%"  # two stages, one busy at a time
+    assert (out / "compare.png").stat().st_size > 50_000
+    assert "bubble measured" in p.stdout

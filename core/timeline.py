@@ -1,10 +1,11 @@
-"""Measured pipeline timeline: when each stage ran each micro-batch's forward and backward.
+"""Measured timelines: when each stage ran each micro-batch's forward and backward.
 
-torch's own schedule visualiser counts every action as one tick; we time the real thing. Each
-stage's ``forward_one_chunk`` / ``backward_one_chunk`` / ``backward_weight_one_chunk`` is wrapped
-on the instance (the schedule calls exactly these), and every call is timed on one clock: the
-host's monotonic perf_counter, shared by all processes of a host. On CUDA the start and end are
-CUDA events, placed on that clock by an event recorded right after a synchronize at step start.
+torch's own schedule visualiser counts every action as one tick; we time the real thing. A style
+reports actions to a ``TimelineRecorder`` (pp wraps its PipelineStages, mp hooks its stages);
+every action is timed on one clock: the host's monotonic perf_counter, shared by all processes of
+a host. On one CUDA device the start and end are CUDA events, placed on that clock by an event
+recorded right after a synchronize at step start; across several devices in one process (mp)
+each mark synchronises instead.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class Action:
 class TimelineRecorder:
     """Records the actions of steps 0..max_steps-1 (step 0 is warm-up: shapes, allocations)."""
 
-    def __init__(self, rank: int, device: torch.device, max_steps: int = 6) -> None:
+    def __init__(self, rank: int, device: torch.device, max_steps: int = 6, sync_devices: list | None = None) -> None:
         self.rank, self.device, self.max_steps = rank, device, max_steps
+        self.sync_devices = sync_devices  # several GPUs in one process: synchronise them at each mark
         self.actions: list[Action] = []
         self._pending: list[tuple] = []
         self._step = -1
@@ -44,27 +46,20 @@ class TimelineRecorder:
     def active(self) -> bool:
         return 0 <= self._step < self.max_steps
 
-    def wrap(self, stage) -> None:
-        def timed(kind_of, fn):
-            def wrapper(chunk_id, *args, **kwargs):
-                if not self.active:
-                    return fn(chunk_id, *args, **kwargs)
-                start = self._mark()
-                out = fn(chunk_id, *args, **kwargs)
-                self._pending.append((stage.stage_index, kind_of(kwargs, args), chunk_id, start, self._mark()))
-                return out
+    def start(self):
+        """A start mark, or None outside the recorded steps."""
+        return self._mark() if self.active else None
 
-            return wrapper
-
-        def backward_kind(kwargs, args):
-            full = kwargs.get("full_backward", args[1] if len(args) > 1 else True)
-            return "B" if full else "I"
-
-        stage.forward_one_chunk = timed(lambda kw, a: "F", stage.forward_one_chunk)
-        stage.backward_one_chunk = timed(backward_kind, stage.backward_one_chunk)
-        stage.backward_weight_one_chunk = timed(lambda kw, a: "W", stage.backward_weight_one_chunk)
+    def record(self, stage: int, kind: str, microbatch: int, start, row: int | None = None) -> None:
+        """Close an action opened with ``start()``; ``row`` overrides the rank (mp: one row per stage)."""
+        if start is not None:
+            self._pending.append((stage, kind, microbatch, start, self._mark(), row))
 
     def _mark(self):
+        if self.sync_devices:
+            for d in self.sync_devices:
+                torch.cuda.synchronize(d)
+            return time.perf_counter()
         if self.device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -75,7 +70,7 @@ class TimelineRecorder:
         self._step = step
         if not self.active:
             return
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.sync_devices:
             torch.cuda.synchronize(self.device)
             self._origin_host = time.perf_counter()
             self._origin_event = self._mark()
@@ -83,13 +78,14 @@ class TimelineRecorder:
     def end_step(self) -> None:
         if not self.active:
             return
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.sync_devices:
             torch.cuda.synchronize(self.device)
             to_s = lambda ev: self._origin_host + self._origin_event.elapsed_time(ev) / 1000.0
         else:
             to_s = lambda t: t
-        for stage, kind, mb, start, end in self._pending:
-            self.actions.append(Action(self.rank, self._step, stage, kind, mb, to_s(start), to_s(end)))
+        for stage, kind, mb, start, end, row in self._pending:
+            rank = self.rank if row is None else row
+            self.actions.append(Action(rank, self._step, stage, kind, mb, to_s(start), to_s(end)))
         self._pending.clear()
 
 
@@ -156,3 +152,38 @@ def chrome_trace(actions: list[Action], title: str) -> dict:
             }
         )
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"title": title}}
+
+
+class RecordedTimeline:
+    """One run's gathered timeline: the result.json figures and the timeline.json / .png files."""
+
+    def __init__(self, recorder: TimelineRecorder, title: str, theory: float | None) -> None:
+        self.recorder, self.title, self.theory = recorder, title, theory
+        self._actions: list[Action] | None = None
+
+    def actions(self) -> list[Action]:
+        if self._actions is None:  # a collective: every rank calls it, once
+            self._actions = gather_actions(self.recorder.actions)
+        return self._actions
+
+    def figures(self) -> dict:
+        bubble, step_time = measured_bubble(self.actions())
+        return {"bubble_fraction": bubble, "bubble_fraction_theory": self.theory, "timeline_step_time_s": step_time}
+
+    def save(self, folder: str, write: bool) -> None:
+        actions = self.actions()
+        if not write or not actions:
+            return
+        import json
+        import os
+
+        from core.report import save_timeline_png
+
+        with open(os.path.join(folder, "timeline.json"), "w") as f:
+            json.dump(chrome_trace(actions, self.title), f)
+        bubble, _ = measured_bubble(actions)
+        sub = ""
+        if bubble is not None:
+            theory = f", {100 * self.theory:.0f}% theory" if self.theory is not None else ""
+            sub = f" (bubble {100 * bubble:.0f}% measured{theory})"
+        save_timeline_png([asdict(a) for a in actions], os.path.join(folder, "timeline.png"), self.title + sub)
