@@ -19,6 +19,16 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class DefaultsWhereSet(argparse.HelpFormatter):
+    """Show '(default: X)' only where there is a concrete default the help text does not already give."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _split(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",")]
@@ -38,7 +48,10 @@ def _float(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
-        prog="python jobs/submit.py", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python jobs/submit.py",
+        description="Train a model split over several devices (mp, pp, tp) through submitit: Slurm when it "
+        "answers, else the local executor; CPU with gloo where there is no GPU. Bad input: one line, exit 2.",
+        formatter_class=DefaultsWhereSet,
     )
     c = RunConfig()
     p.add_argument("--strategy", default=c.strategy, help=f"one of {', '.join(STRATEGIES)}")
