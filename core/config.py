@@ -69,6 +69,8 @@ class RunConfig:
     """Accumulate gradients over this many batches before each optimizer step."""
     dtype: str = "fp32"
     """fp32 (TF32 off) or bf16 autocast."""
+    compile: bool = False
+    """torch.compile each block (in place, names kept); not with split-backward pp schedules."""
     check: bool = False
     """Compare every step's loss and every gradient with a single-device reference (dropout off)."""
     check_tol: float | None = None

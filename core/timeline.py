@@ -31,9 +31,12 @@ class Action:
 
 
 class TimelineRecorder:
-    """Records the actions of steps 0..max_steps-1 (step 0 is warm-up: shapes, allocations)."""
+    """Records the actions of steps 0..max_steps-1 (step 0 is warm-up: shapes, allocations).
 
-    def __init__(self, rank: int, device: torch.device, max_steps: int = 6, sync_devices: list | None = None) -> None:
+    Only a few steps: on CUDA each recorded step ends with a synchronize, which the steady-state
+    throughput (core.train, measured after step 4) must not see."""
+
+    def __init__(self, rank: int, device: torch.device, max_steps: int = 4, sync_devices: list | None = None) -> None:
         self.rank, self.device, self.max_steps = rank, device, max_steps
         self.sync_devices = sync_devices  # several GPUs in one process: synchronise them at each mark
         self.actions: list[Action] = []

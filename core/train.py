@@ -73,6 +73,9 @@ def run(
 
     make_opt = lambda params: make_optimizer(cfg, params)
     checker = ParityChecker(model, cfg, state, make_opt) if cfg.check else None  # copies weights first
+    if cfg.compile:
+        for block in model.blocks.values():
+            block.compile()  # in place: parameter names and the block seams stay as they are
     built = build(model, cfg, state)
     opt = make_opt([p for _, p in built.params])
     train = data.train.head(cfg.train_samples).to(built.input_device)
@@ -86,6 +89,9 @@ def run(
     metrics.reset_peak_memory(built.devices)
     clock = metrics.Stopwatch(built.devices)
     last = time.perf_counter()
+    # steady-state throughput leaves out the first steps (allocator warm-up, compilation, shape inference)
+    warm = 4 if n_steps > 8 else 0  # after the recorded timeline steps (core.timeline)
+    t_warm = clock.t0
     step, epoch, micro, batch_losses = 0, 0, 0, []
     while step < n_steps:
         for x, y in batches(train, bs, cfg.seed, epoch):
@@ -100,7 +106,7 @@ def run(
                 for _, p in built.params:
                     if p.grad is not None:
                         p.grad.div_(cfg.grad_accum)
-            loss = torch.stack(batch_losses).mean()
+            loss = batch_losses[0] if len(batch_losses) == 1 else torch.stack(batch_losses).mean()
             if checker:
                 checker.compare(float(loss.item()), built, cfg.grad_accum)
             opt.step()
@@ -111,6 +117,8 @@ def run(
             built.after_step(step)
             micro, batch_losses = 0, []
             step += 1
+            if step == warm:
+                t_warm = clock.now()
             if step % cfg.log_every == 0 or step == n_steps or step == 1:
                 now = clock.now()
                 step_times.append(now - last)
@@ -148,6 +156,8 @@ def run(
         "eval_samples": eval_n,
         "train_time_s": train_time,
         "samples_per_sec": len(loss_values) * bs * cfg.grad_accum / train_time,
+        "steady_samples_per_sec": (len(loss_values) - warm) * bs * cfg.grad_accum / (clock.t0 + train_time - t_warm),
+        "steady_after_steps": warm,
         "peak_memory_bytes": [int(r[0]) for r in per_rank_peaks],
         "peak_memory_kind": peak_kind,
     }

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-parallel", action="store_true", help="tp, gpt: cross-entropy on vocabulary-sharded logits")
     p.add_argument("--grad-accum", type=int, default=c.grad_accum, help="batches accumulated per optimizer step")
     p.add_argument("--dtype", default=c.dtype, help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU speed)")
     p.add_argument("--check", action="store_true", help="compare loss and every gradient with a single-device run")
     p.add_argument(
         "--check-tol",
@@ -142,6 +143,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         loss_parallel=a.loss_parallel,
         grad_accum=a.grad_accum,
         dtype=a.dtype,
+        compile=a.compile,
         check=a.check,
         check_tol=a.check_tol,
         cluster=a.cluster,
