@@ -27,11 +27,17 @@ BuildFn = Callable[[nn.Module, RunConfig, DistState], Built]
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD for mnist-cnn and delay (the notebook's), AdamW for gpt; fused kernels on CUDA."""
-    fused = bool(params) and all(p.device.type == "cuda" for p in params) and not _has_dtensor(params)
+    """SGD for mnist-cnn and delay (the notebook's), AdamW for gpt; fused kernels on CUDA.
+
+    Under tensor parallel some parameters are DTensors and some (unsplit norms) plain tensors: the
+    multi-tensor (foreach) kernels refuse such a mix on CUDA, so those runs step tensor by tensor.
+    """
+    dtensor = _has_dtensor(params)
+    fused = bool(params) and all(p.device.type == "cuda" for p in params) and not dtensor
+    foreach = False if dtensor else None
     if cfg.model == "gpt":
-        return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=0.0, fused=fused or None)
-    return torch.optim.SGD(params, lr=cfg.resolved_lr)
+        return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=0.0, fused=fused or None, foreach=foreach)
+    return torch.optim.SGD(params, lr=cfg.resolved_lr, foreach=foreach)
 
 
 def _has_dtensor(params: list[nn.Parameter]) -> bool:

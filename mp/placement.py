@@ -41,10 +41,11 @@ def place_layers(model: BlockModel, devices: list[torch.device], split: list[int
     Returns the block names of each stage. The model class is untouched: placement is hooks.
     """
     stages = stage_blocks(model, len(devices), split)
-    for names, device in zip(stages, devices):
+    for i, (names, device) in enumerate(zip(stages, devices)):
         for name in names:
             model.blocks[name].to(device)
-        model.blocks[names[0]].register_forward_pre_hook(_to_device(device))
+        if i == 0 or device != devices[i - 1]:  # a seam that crosses devices (no hook where none is crossed)
+            model.blocks[names[0]].register_forward_pre_hook(_to_device(device))
     return stages
 
 
