@@ -85,6 +85,16 @@ class RunConfig:
     account: str | None = None
     time: int = 60
     """Job time limit in minutes (Slurm)."""
+    qos: str | None = None
+    constraint: str | None = None
+    cpus_per_task: int | None = None
+    """CPUs per task (Slurm); None leaves Slurm's default."""
+    mem: str | None = None
+    """Memory per node, Slurm syntax (e.g. 64G)."""
+    kill_on_bad_exit: bool = True
+    """srun --kill-on-bad-exit: one failing rank ends the whole job at once."""
+    slurm_opts: list[str] = field(default_factory=list)
+    """Further sbatch options as KEY=VALUE (e.g. exclusive=true, reservation=r1)."""
     out: str | None = None
     """Run folder; None: runs/<strategy>-<time>/."""
     dist_timeout_s: float = 300.0
@@ -185,6 +195,19 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
     need(cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), f"--lr must be a positive number (got {cfg.lr})")
     need(cfg.time >= 1, f"--time is in minutes and must be at least 1 (got {cfg.time})")
     need(
+        cfg.cpus_per_task is None or cfg.cpus_per_task >= 1,
+        f"--cpus-per-task must be at least 1 (got {cfg.cpus_per_task})",
+    )
+    for opt in cfg.slurm_opts:
+        need(
+            "=" in opt and opt.split("=", 1)[0].strip() != "",
+            f"--slurm-opt takes KEY=VALUE, like exclusive=true (got {opt!r})",
+        )
+    for name in ("partition", "account", "qos", "constraint", "mem", "container", "data_dir", "out"):
+        _refuse_shell(name, getattr(cfg, name))
+    for opt in cfg.slurm_opts:
+        _refuse_shell("slurm_opt", opt)
+    need(
         cfg.check_tol is None or (math.isfinite(cfg.check_tol) and cfg.check_tol > 0),
         f"--check-tol must be a positive number such as 1e-5 (got {cfg.check_tol})",
     )
@@ -245,6 +268,16 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
             os.access(probe, os.W_OK) or _has_mnist(d),
             f"--data-dir {d} is not writable: give a folder you can write to, or one that holds MNIST",
         )
+
+
+SHELL_META = (";", "$(", "`", "\n", "\r", "&&", "||", "|", ">", "<")
+
+
+def _refuse_shell(name: str, value: str | None) -> None:
+    """Values end up in an sbatch script: refuse anything a shell would act on."""
+    if value is not None and any(m in value for m in SHELL_META):
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {value!r} holds shell syntax (; $( ` | < > or a newline): give a plain value")
 
 
 def _has_mnist(d: str) -> bool:

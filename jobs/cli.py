@@ -103,6 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--time", type=int, default=c.time, help="time limit in minutes")
+    p.add_argument("--qos", default=None, help="Slurm quality of service")
+    p.add_argument("--constraint", default=None, help="Slurm node features, e.g. h100")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (Slurm)")
+    p.add_argument("--mem", default=None, help="memory per node, Slurm syntax, e.g. 64G")
+    p.add_argument(
+        "--kill-on-bad-exit",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: a failing rank ends the whole job at once (srun --kill-on-bad-exit)",
+    )
+    p.add_argument(
+        "--slurm-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further sbatch option, repeatable (e.g. --slurm-opt exclusive=true)",
+    )
+    p.add_argument(
+        "--pytest",
+        default=None,
+        metavar="MARKER",
+        help="submit 'pytest -m MARKER' as the job (e.g. gpu) to check a node; other training flags ignored",
+    )
     p.add_argument("--out", default=None, help="run folder (default runs/<strategy>-<time>/)")
     p.add_argument(
         "--dist-timeout",
@@ -144,6 +168,12 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         grad_accum=a.grad_accum,
         dtype=a.dtype,
         compile=a.compile,
+        qos=a.qos,
+        constraint=a.constraint,
+        cpus_per_task=a.cpus_per_task,
+        mem=a.mem,
+        kill_on_bad_exit=bool(a.kill_on_bad_exit),
+        slurm_opts=a.slurm_opt,
         check=a.check,
         check_tol=a.check_tol,
         cluster=a.cluster,

@@ -6,6 +6,8 @@ environment variables), so a laptop run and a cluster run differ only in where t
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -54,6 +56,7 @@ def make_executor(cfg: RunConfig, folder: str, cluster: str, on_cuda: bool) -> s
         ex.update_parameters(**params)
         return ex
     ex = submitit.SlurmExecutor(folder=folder)
+    srun_args = [f"--kill-on-bad-exit={int(cfg.kill_on_bad_exit)}"]
     params = {
         "nodes": shape["nodes"],
         "ntasks_per_node": shape["tasks_per_node"],
@@ -61,15 +64,52 @@ def make_executor(cfg: RunConfig, folder: str, cluster: str, on_cuda: bool) -> s
         "job_name": f"mps-{cfg.strategy}",
         # submitit sends USR2 this long before the time limit: enough to checkpoint and requeue
         "signal_delay_s": 120,
+        "srun_args": srun_args,
     }
-    if shape["gpus_per_node"]:
-        params["gpus_per_node"] = shape["gpus_per_node"]
-    if cfg.partition:
-        params["partition"] = cfg.partition
-    if cfg.account:
-        params["account"] = cfg.account
+    optional = {
+        "gpus_per_node": shape["gpus_per_node"] or None,
+        "partition": cfg.partition,
+        "account": cfg.account,
+        "qos": cfg.qos,
+        "constraint": cfg.constraint,
+        "cpus_per_task": cfg.cpus_per_task,
+        "mem": cfg.mem,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    extra = dict(opt.split("=", 1) for opt in cfg.slurm_opts)
+    if extra:
+        params["additional_parameters"] = {k.strip().replace("-", "_"): _value(v.strip()) for k, v in extra.items()}
+    if cfg.container:
+        wrap_container(ex, cfg, folder, srun_args)
     ex.update_parameters(**params)
     return ex
+
+
+def _value(v: str):
+    return True if v.lower() == "true" else v
+
+
+def container_binds(cfg: RunConfig, folder: str) -> list[str]:
+    """Paths a task needs inside the image, at the same paths: the run folder, the data, this repo."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [os.path.dirname(os.path.abspath(folder)), os.path.abspath(cfg.data_dir), repo]
+    return list(dict.fromkeys(paths))
+
+
+def wrap_container(ex: submitit.SlurmExecutor, cfg: RunConfig, folder: str, srun_args: list[str]) -> None:
+    """Run each task's python in the image: Apptainer (a .sif) or pyxis/enroot (pyxis:IMAGE)."""
+    binds = container_binds(cfg, folder)
+    if cfg.container.startswith("pyxis:"):
+        srun_args += [
+            f"--container-image={cfg.container[len('pyxis:') :]}",
+            "--container-mounts=" + ",".join(f"{p}:{p}" for p in binds),
+        ]
+        ex.python = "python3"
+    else:
+        ex.python = (
+            f"apptainer exec --nv --bind {shlex.quote(','.join(binds))} "
+            f"{shlex.quote(os.path.abspath(cfg.container))} python3"
+        )
 
 
 def describe(ex: submitit.Executor, cluster: str, cfg: RunConfig) -> str:

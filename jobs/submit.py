@@ -50,7 +50,10 @@ def prepare(cfg: RunConfig) -> tuple[str, str, bool]:
     get_validator(cfg.strategy)(cfg)
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and (cluster == "slurm" or cuda_count > 0))
     cfg.extra["on_cuda"] = on_cuda
-    cfg.device = "cuda" if on_cuda else "cpu"
+    if cluster == "local":
+        cfg.device = "cuda" if on_cuda else "cpu"
+    # under Slurm with --device auto the GPUs are requested and the node decides: cuda where it
+    # has CUDA, else CPU with gloo (a login node often has no GPU while the compute nodes do)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     folder = os.path.abspath(cfg.out or os.path.join("runs", f"{cfg.strategy}-{stamp}"))
@@ -69,6 +72,14 @@ def prepare(cfg: RunConfig) -> tuple[str, str, bool]:
     return cluster, folder, on_cuda
 
 
+def shutil_rmtree_quiet(folder: str) -> None:
+    """Remove a run folder this command created for a job that was never queued."""
+    import shutil
+
+    if not os.path.exists(os.path.join(folder, "result.json")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _existing_parent(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.exists(path):
@@ -76,14 +87,55 @@ def _existing_parent(path: str) -> str:
     return path
 
 
-def follow(job, stop_when_done: bool = True) -> None:
-    """Print rank 0's log as it grows, until the job ends: progress without a second terminal."""
+class JobVanished(RuntimeError):
+    """The job left the queue without writing a result (it died before Python could report)."""
+
+
+def slurm_state(job_id: str) -> str | None:
+    """The job's state from squeue (or scontrol for a finished job), None when Slurm forgot it.
+
+    submitit asks sacct, which needs the accounting daemon: without one it would wait forever
+    for a job that died before writing its result."""
+    import subprocess
+
+    out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.split()[0]
+    out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True)
+    m = re.search(r"JobState=(\S+)", out.stdout)
+    return m.group(1) if m else None
+
+
+def follow(job, slurm: bool = False, grace_s: float = 20.0, echo: bool = True) -> None:
+    """Print rank 0's log as it grows, until the job ends: progress without a second terminal.
+
+    Under Slurm, a job that has left the queue without results for ``grace_s`` raises JobVanished
+    carrying the task's stderr, instead of waiting forever."""
     path, pos = None, 0
+    gone_since, checked = None, 0.0
     while True:
         done = job.done()
+        if slurm and not done and time.time() - checked > 3:
+            checked = time.time()
+            state = slurm_state(job.job_id)
+            finished = state is None or state in (
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+                "BOOT_FAIL",
+                "DEADLINE",
+                "COMPLETED",
+                "PREEMPTED",
+            )
+            gone_since = (gone_since or time.time()) if finished else None
+            if gone_since and time.time() - gone_since > grace_s:
+                err = first_failure(job)
+                raise JobVanished(f"Slurm reports {state or 'no such job'} and no result was written; {err}")
         if path is None:
             path = str(job.task(0).paths.stdout)
-        if os.path.exists(path):
+        if echo and os.path.exists(path):
             with open(path) as f:
                 f.seek(pos)
                 chunk = f.read()
@@ -116,17 +168,23 @@ def exception_line(text: str) -> str:
 
 
 def first_failure(job) -> str:
-    """The real exception of the failing task, not a neighbour's timeout or broken connection."""
+    """The real exception of the failing task, not a neighbour's timeout or broken connection.
+
+    Read from every task's stderr, never by asking submitit for results: a task killed by Slurm
+    (--kill-on-bad-exit) writes none, and waiting for it would hang."""
     messages = []
     for i in range(job.num_tasks):
         try:
-            job.task(i).result()
-        except Exception as e:  # the task's own exception, re-raised by submitit with its traceback
-            messages.append((i, exception_line(str(e))))
+            with open(job.task(i).paths.stderr, errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if re.search(r"(Error|Exception)\b", text):
+            messages.append((i, exception_line(text)))
     for i, msg in messages:  # a rank's own error beats what its peers saw when it died
         if not any(k in msg.lower() for k in SECONDARY):
             return f"rank {i}: {msg}"
-    return f"rank {messages[0][0]}: {messages[0][1]}" if messages else "unknown failure"
+    return f"rank {messages[0][0]}: {messages[0][1]}" if messages else "no task reported an exception"
 
 
 def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet: bool = False) -> tuple[int, str]:
@@ -156,28 +214,68 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
         print(f"dry run: would submit to {cluster}; run folder {folder}")
         print(plan)
         return 0, folder
+    import submitit
+
     executor = make_executor(cfg, log_dir, cluster, on_cuda)
     os.makedirs(folder, exist_ok=True)
     port = free_port() if cluster == "local" else None
-    job = executor.submit(TrainTask(cfg.to_dict(), folder, port))
+    try:
+        job = executor.submit(TrainTask(cfg.to_dict(), folder, port))
+    except submitit.core.utils.FailedJobError as e:  # sbatch refused: say why in its own words
+        reason = next((ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()), str(e).strip())
+        shutil_rmtree_quiet(folder)
+        return fail(f"sbatch refused the job: {reason.split('error:')[-1].strip()}"), ""
     print(f"submitted job {job.job_id} to {cluster} ({cfg.world_size} task(s)); run folder {folder}", flush=True)
     if no_wait:
         print(f"not waiting: results will be in {folder}/result.json")
         return 0, folder
     try:
-        if quiet:
+        if quiet and cluster == "local":
             job.wait()
         else:
-            follow(job)
+            follow(job, slurm=cluster == "slurm", echo=not quiet)
         job.results()
     except KeyboardInterrupt:
         job.cancel()
         return fail("interrupted: job cancelled", 130), folder
+    except JobVanished as e:
+        return fail(f"job {job.job_id} failed: {e} (logs in {log_dir})", 1), folder
     except Exception:
         return fail(f"job {job.job_id} failed: {first_failure(job)} (logs in {log_dir})", 1), folder
     if not quiet:
         print(format_summary(read_result(folder), folder), flush=True)
     return 0, folder
+
+
+def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
+    """``--pytest gpu``: run this suite's ``pytest -m gpu`` as a job on a node (one task holding
+    --gpus GPUs, in --container if given), so a node is checked before it is trusted."""
+    import dataclasses
+
+    from jobs.executor import describe, make_executor
+    from jobs.pytest_job import PytestTask
+
+    if not re.fullmatch(r"[A-Za-z_][\w ]*", marker):
+        return fail(f"--pytest takes a marker expression such as gpu (got {marker!r})")
+    # shape the job like mp: one task that sees all the GPUs the tests may use
+    cfg = dataclasses.replace(cfg, strategy="mp", model="delay", flavor="tiny", dataset=None, split=None)
+    try:
+        cluster, folder, on_cuda = prepare(cfg)
+    except (ConfigError, DataError) as e:
+        return fail(str(e))
+    executor = make_executor(cfg, os.path.join(folder, "submitit"), cluster, on_cuda)
+    if dry_run:
+        print(describe(executor, cluster, cfg))
+        return 0
+    job = executor.submit(PytestTask(marker, ROOT))
+    print(f"submitted 'pytest -m {marker}' as job {job.job_id} to {cluster}; logs in {folder}", flush=True)
+    try:
+        follow(job, slurm=cluster == "slurm", echo=False)
+        code, output = job.result()
+    except Exception:
+        return fail(f"job {job.job_id} failed: {first_failure(job)}", 1)
+    print(output, flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.compare import compare
 
         return compare(cfg, run_one)
+    if args.pytest:
+        return run_pytest_job(cfg, args.pytest, args.dry_run)
     return run_one(cfg, args.dry_run, args.no_wait)[0]
 
 

@@ -1,0 +1,144 @@
+"""A throwaway single-node Slurm cluster for tests: munged, slurmctld and slurmd from Debian's
+slurm-wlm and munge, in a temporary folder, on free ports, with 4 fake GPUs.
+
+The fake GPUs are gres.conf entries whose files are symlinks to /dev/null: Slurm then accepts
+and refuses ``--gpus`` requests as on a GPU node (a fake at the one boundary that cannot exist on a
+CPU host: the GPU). Everything else is the real daemons. Clients find the cluster through
+SLURM_CONF, which ``environ()`` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+MISSING_REASON = "Slurm daemons not installed: apt-get install slurmctld slurmd slurm-client munge (.ci/run does)"
+
+
+def available() -> bool:
+    found = all(shutil.which(d) or os.path.exists(f"/usr/sbin/{d}") for d in DAEMONS)
+    return found and os.path.exists("/etc/munge/munge.key") and os.geteuid() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+class SlurmCluster:
+    def __init__(self, folder: str, gpus: int = 4, cpus: int = 8) -> None:
+        self.folder = folder
+        self.host = socket.gethostname().split(".")[0]
+        self.gpus, self.cpus = gpus, cpus
+        self.procs: list[subprocess.Popen] = []
+        self.conf = os.path.join(folder, "slurm.conf")
+
+    def environ(self) -> dict:
+        env = dict(os.environ)
+        env["SLURM_CONF"] = self.conf
+        return env
+
+    def _write_config(self) -> None:
+        f = self.folder
+        for d in ("state", "spool", "log"):
+            os.makedirs(os.path.join(f, d), exist_ok=True)
+        for i in range(self.gpus):
+            link = os.path.join(f, f"fakegpu{i}")
+            if not os.path.lexists(link):
+                os.symlink("/dev/null", link)
+        sock = os.path.join(f, "munge.sock")
+        conf = f"""
+ClusterName=mpstest
+SlurmctldHost={self.host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock},cred_expire=30
+CredType=cred/munge
+StateSaveLocation={f}/state
+SlurmdSpoolDir={f}/spool
+SlurmctldPidFile={f}/slurmctld.pid
+SlurmdPidFile={f}/slurmd.pid
+SlurmctldLogFile={f}/log/slurmctld.log
+SlurmdLogFile={f}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+EnforcePartLimits=ALL
+MinJobAge=600
+KillWait=10
+ReturnToService=2
+GresTypes=gpu
+NodeName={self.host} CPUs={self.cpus} RealMemory=20000 Gres=gpu:{self.gpus} State=UNKNOWN
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=30 State=UP OverSubscribe=FORCE:4
+"""
+        with open(self.conf, "w") as fh:
+            fh.write(conf.lstrip())
+        with open(os.path.join(f, "gres.conf"), "w") as fh:
+            last = self.gpus - 1
+            fh.write(f"AutoDetect=off\nNodeName={self.host} Name=gpu File={f}/fakegpu[0-{last}]\n")
+
+    def start(self, timeout_s: float = 30.0) -> SlurmCluster:
+        self._write_config()
+        f = self.folder
+        env = self.environ()
+        sock = os.path.join(f, "munge.sock")
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    _exe("munged"),
+                    "-F",
+                    "--force",
+                    f"--socket={sock}",
+                    "--key-file=/etc/munge/munge.key",
+                    f"--pid-file={f}/munged.pid",
+                    f"--log-file={f}/log/munged.log",
+                    f"--seed-file={f}/munge.seed",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+        )
+        deadline = time.time() + timeout_s
+        while not os.path.exists(sock) and time.time() < deadline:
+            time.sleep(0.1)
+        for daemon in ("slurmctld", "slurmd"):
+            self.procs.append(
+                subprocess.Popen(
+                    [_exe(daemon), "-D", "-f", self.conf], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        while time.time() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip() in ("idle", "mixed", "allocated"):
+                return self
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"Slurm did not come up in {timeout_s:.0f} s; logs in {f}/log")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs.clear()
