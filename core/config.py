@@ -227,6 +227,14 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
             f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus or submit to Slurm",
         )
     need(
+        cfg.container is None or resolved_cluster == "slurm",
+        "--container runs tasks under Slurm (apptainer or pyxis): add --cluster slurm, or drop --container",
+    )
+    need(
+        cfg.container is None or cfg.container.startswith("pyxis:") or os.path.isfile(cfg.container),
+        f"--container {cfg.container} is not a file: give the .sif path (on a shared filesystem) or pyxis:IMAGE",
+    )
+    need(
         cfg.nodes == 1 or resolved_cluster != "local",
         f"--nodes {cfg.nodes} needs Slurm; the local executor runs on this one host: use --nodes 1",
     )

@@ -46,7 +46,10 @@ def job_shape(cfg: RunConfig, on_cuda: bool) -> dict:
     return {"nodes": cfg.nodes, "tasks_per_node": tasks, "gpus_per_node": gpus}
 
 
-def make_executor(cfg: RunConfig, folder: str, cluster: str, on_cuda: bool) -> submitit.Executor:
+def make_executor(
+    cfg: RunConfig, folder: str, cluster: str, on_cuda: bool, run_folder: str | None = None
+) -> submitit.Executor:
+    """folder: submitit's log folder; run_folder: the run folder tasks write to (bound into a container)."""
     shape = job_shape(cfg, on_cuda)
     if cluster == "local":
         ex = submitit.LocalExecutor(folder=folder)
@@ -80,7 +83,7 @@ def make_executor(cfg: RunConfig, folder: str, cluster: str, on_cuda: bool) -> s
     if extra:
         params["additional_parameters"] = {k.strip().replace("-", "_"): _value(v.strip()) for k, v in extra.items()}
     if cfg.container:
-        wrap_container(ex, cfg, folder, srun_args)
+        wrap_container(ex, cfg, run_folder or os.path.dirname(os.path.abspath(folder)), srun_args)
     ex.update_parameters(**params)
     return ex
 
@@ -89,16 +92,16 @@ def _value(v: str):
     return True if v.lower() == "true" else v
 
 
-def container_binds(cfg: RunConfig, folder: str) -> list[str]:
+def container_binds(cfg: RunConfig, run_folder: str) -> list[str]:
     """Paths a task needs inside the image, at the same paths: the run folder, the data, this repo."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [os.path.dirname(os.path.abspath(folder)), os.path.abspath(cfg.data_dir), repo]
+    paths = [os.path.abspath(run_folder), os.path.abspath(cfg.data_dir), repo]
     return list(dict.fromkeys(paths))
 
 
-def wrap_container(ex: submitit.SlurmExecutor, cfg: RunConfig, folder: str, srun_args: list[str]) -> None:
+def wrap_container(ex: submitit.SlurmExecutor, cfg: RunConfig, run_folder: str, srun_args: list[str]) -> None:
     """Run each task's python in the image: Apptainer (a .sif) or pyxis/enroot (pyxis:IMAGE)."""
-    binds = container_binds(cfg, folder)
+    binds = container_binds(cfg, run_folder)
     if cfg.container.startswith("pyxis:"):
         srun_args += [
             f"--container-image={cfg.container[len('pyxis:') :]}",

@@ -10,7 +10,9 @@ Submits one job through submitit: to Slurm when ``sinfo`` answers, otherwise to 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import re
 import sys
@@ -106,7 +108,26 @@ def slurm_state(job_id: str) -> str | None:
     return m.group(1) if m else None
 
 
-def follow(job, slurm: bool = False, grace_s: float = 20.0, echo: bool = True) -> None:
+def slurm_results_written(job) -> bool:
+    """Every task wrote its result file. Asked of the files, not of submitit, whose sacct calls
+    fail (and print) on clusters without an accounting daemon."""
+    return all(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks))
+
+
+def slurm_results(job) -> list:
+    """The tasks' return values read from their result files; a task's error raises."""
+    from submitit.core.utils import pickle_load
+
+    out = []
+    for i in range(job.num_tasks):
+        outcome, value = pickle_load(job.task(i).paths.result_pickle)
+        if outcome != "success":
+            raise RuntimeError(f"task {i} failed")
+        out.append(value)
+    return out
+
+
+def follow(job, slurm: bool = False, grace_s: float = 10.0, echo: bool = True) -> None:
     """Print rank 0's log as it grows, until the job ends: progress without a second terminal.
 
     Under Slurm, a job that has left the queue without results for ``grace_s`` raises JobVanished
@@ -114,7 +135,7 @@ def follow(job, slurm: bool = False, grace_s: float = 20.0, echo: bool = True) -
     path, pos = None, 0
     gone_since, checked = None, 0.0
     while True:
-        done = job.done()
+        done = slurm_results_written(job) if slurm else job.done()
         if slurm and not done and time.time() - checked > 3:
             checked = time.time()
             state = slurm_state(job.job_id)
@@ -184,7 +205,17 @@ def first_failure(job) -> str:
     for i, msg in messages:  # a rank's own error beats what its peers saw when it died
         if not any(k in msg.lower() for k in SECONDARY):
             return f"rank {i}: {msg}"
-    return f"rank {messages[0][0]}: {messages[0][1]}" if messages else "no task reported an exception"
+    if messages:
+        return f"rank {messages[0][0]}: {messages[0][1]}"
+    for i in range(job.num_tasks):  # died before Python could raise (srun, container, node): say what it said
+        try:
+            with open(job.task(i).paths.stderr, errors="replace") as f:
+                lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+        except OSError:
+            continue
+        if lines:  # the first error line is the cause (slurmstepd's execve failure, ...); srun's follow
+            return f"task {i} stderr: {next((ln for ln in lines if 'error' in ln.lower()), lines[-1])}"
+    return "no task wrote anything to its stderr"
 
 
 def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet: bool = False) -> tuple[int, str]:
@@ -208,7 +239,9 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
 
         scratch = tempfile.mkdtemp(prefix="mps-dry-run-")
         try:
-            plan = describe(make_executor(cfg, scratch, cluster, on_cuda), cluster, cfg).replace(scratch, log_dir)
+            plan = describe(make_executor(cfg, scratch, cluster, on_cuda, folder), cluster, cfg).replace(
+                scratch, log_dir
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         print(f"dry run: would submit to {cluster}; run folder {folder}")
@@ -220,7 +253,9 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
     os.makedirs(folder, exist_ok=True)
     port = free_port() if cluster == "local" else None
     try:
-        job = executor.submit(TrainTask(cfg.to_dict(), folder, port))
+        # submitit echoes sbatch's stderr on failure; we say it once, below, in one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = executor.submit(TrainTask(cfg.to_dict(), folder, port))
     except submitit.core.utils.FailedJobError as e:  # sbatch refused: say why in its own words
         reason = next((ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()), str(e).strip())
         shutil_rmtree_quiet(folder)
@@ -234,7 +269,7 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
             job.wait()
         else:
             follow(job, slurm=cluster == "slurm", echo=not quiet)
-        job.results()
+        slurm_results(job) if cluster == "slurm" else job.results()
     except KeyboardInterrupt:
         job.cancel()
         return fail("interrupted: job cancelled", 130), folder
@@ -271,7 +306,7 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     print(f"submitted 'pytest -m {marker}' as job {job.job_id} to {cluster}; logs in {folder}", flush=True)
     try:
         follow(job, slurm=cluster == "slurm", echo=False)
-        code, output = job.result()
+        code, output = slurm_results(job)[0] if cluster == "slurm" else job.result()
     except Exception:
         return fail(f"job {job.job_id} failed: {first_failure(job)}", 1)
     print(output, flush=True)

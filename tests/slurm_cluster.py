@@ -86,7 +86,7 @@ KillWait=10
 ReturnToService=2
 GresTypes=gpu
 NodeName={self.host} CPUs={self.cpus} RealMemory=20000 Gres=gpu:{self.gpus} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=30 State=UP OverSubscribe=FORCE:4
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=120 State=UP OverSubscribe=FORCE:4
 """
         with open(self.conf, "w") as fh:
             fh.write(conf.lstrip())

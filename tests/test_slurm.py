@@ -1,0 +1,145 @@
+"""Against a real Slurm (slurmctld + slurmd + munged, started here): jobs of every style, and
+every failure a user meets, each answered in one line and in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import slurm_cluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBMIT = os.path.join(ROOT, "jobs", "submit.py")
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.skipif(not slurm_cluster.available(), reason=slurm_cluster.MISSING_REASON),
+]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = slurm_cluster.SlurmCluster(str(tmp_path_factory.mktemp("slurm"))).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(slurm, tmp_path, *args, timeout=300):
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, SUBMIT, "--cluster", "slurm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=slurm.environ(),
+        cwd=tmp_path,
+    )
+    p.seconds = time.time() - t0
+    return p
+
+
+def test_mp_job_on_slurm_requests_gpus_and_passes_the_check(slurm, tmp_path):
+    out = tmp_path / "mp"
+    p = submit(slurm, tmp_path, "--strategy", "mp", "--gpus", "2", "--steps", "3", "--check", "--out", str(out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["check"]["passed"] and r["steps"] == 3 and r["eval_accuracy"] is not None
+    script = next((out / "submitit").glob("*_submission.sh")).read_text()
+    assert "#SBATCH --gpus-per-node=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "--kill-on-bad-exit=1" in script
+
+
+@pytest.mark.parametrize("strategy,extra", [("pp", ["--model", "delay"]), ("tp", ["--model", "gpt", "--check"])])
+def test_multi_task_jobs_on_slurm(slurm, tmp_path, strategy, extra):
+    out = tmp_path / strategy
+    p = submit(slurm, tmp_path, "--strategy", strategy, "--gpus", "2", "--steps", "2", *extra, "--out", str(out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["world_size"] == 2 and len(r["losses"]) == 2
+    if strategy == "pp":
+        assert (out / "timeline.png").exists() and r["bubble_fraction"] is not None
+    else:
+        assert r["check"]["passed"] and r["communication_first_step"]["per_layer"]["forward"] == {"all_reduce": 2}
+    script = next((out / "submitit").glob("*_submission.sh")).read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script
+
+
+REJECTIONS = {
+    "more gpus than exist": (["--gpus", "5", "--model", "gpt"], "node configuration is not available"),
+    "unknown partition": (["--partition", "nope"], "invalid partition"),
+    "time over the limit": (["--time", "300"], "time limit"),
+    "more memory than exists": (["--mem", "900G"], "memory specification can not be satisfied"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_sbatch_rejection_is_one_line_with_sbatchs_reason(slurm, tmp_path, case):
+    args, reason = REJECTIONS[case]
+    out = tmp_path / "run"
+    p = submit(slurm, tmp_path, "--strategy", "mp", "--steps", "1", *args, "--out", str(out), timeout=60)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1, p.stderr
+    assert "sbatch refused the job" in err[0] and reason.lower() in err[0].lower(), err[0]
+    assert not out.exists()  # nothing left behind
+    print(f"{case}: {p.seconds:.1f} s: {err[0]}")
+
+
+def test_failing_ranks_are_reported_with_their_own_exception(slurm, tmp_path):
+    p = submit(
+        slurm,
+        tmp_path,
+        "--strategy",
+        "pp",
+        "--gpus",
+        "2",
+        "--model",
+        "delay",
+        "--train-samples",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1, p.stderr
+    assert "ValueError" in err[0] and "training samples" in err[0]
+    print(f"failing rank: {p.seconds:.1f} s: {err[0]}")
+
+
+def test_a_job_that_dies_before_python_fails_instead_of_waiting_forever(slurm, tmp_path):
+    """No accounting daemon here: submitit alone would wait forever. The image 'runs' under an
+    apptainer that this host does not have, so the task dies before Python writes a result."""
+    sif = tmp_path / "missing-runtime.sif"
+    sif.write_text("not an image")
+    p = submit(
+        slurm,
+        tmp_path,
+        "--strategy",
+        "mp",
+        "--steps",
+        "1",
+        "--container",
+        str(sif),
+        "--out",
+        str(tmp_path / "run"),
+        timeout=180,
+    )
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1, p.stderr
+    assert "no result was written" in err[0] and "apptainer" in err[0].lower(), err[0]
+    print(f"died before python: {p.seconds:.1f} s: {err[0]}")
+
+
+def test_auto_picks_slurm_when_sinfo_answers(slurm, tmp_path):
+    p = subprocess.run(
+        [sys.executable, SUBMIT, "--dry-run", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        env=slurm.environ(),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert p.returncode == 0 and "would submit to slurm" in p.stdout and "#SBATCH" in p.stdout
