@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from core import metrics
+from core.checkpoint import Checkpointer, StopRequest
 from core.config import RunConfig
 from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
 from core.distributed import DistState, all_gather_floats
@@ -66,10 +67,22 @@ def total_steps(cfg: RunConfig, train: Split) -> int:
     return cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch
 
 
+class Preempted(RuntimeError):
+    """Training stopped at a step boundary on request (SIGUSR2) after saving a checkpoint."""
+
+
 def run(
-    cfg: RunConfig, state: DistState, build: BuildFn, out_dir: str | None = None, dataset: Dataset | None = None
+    cfg: RunConfig,
+    state: DistState,
+    build: BuildFn,
+    out_dir: str | None = None,
+    dataset: Dataset | None = None,
+    stop: StopRequest | None = None,
 ) -> dict:
-    """Train, evaluate, write result.json (rank 0) into out_dir; return the result on every rank."""
+    """Train, evaluate, write result.json (rank 0) into out_dir; return the result on every rank.
+
+    With out_dir, a checkpoint found there is resumed exactly; with ``stop``, a SIGUSR2 makes the
+    loop save a checkpoint at the next agreed step boundary and raise Preempted."""
     set_numerics(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.flavor, dropout=not cfg.check)
@@ -90,6 +103,15 @@ def run(
         log(state, "check: dropout disabled; comparing every step's loss and gradients with a single-device run")
 
     losses: list[torch.Tensor] = []
+    prior_losses: list[float] = []
+    step, epoch, skip = 0, 0, 0
+    ckpt = Checkpointer(out_dir, state) if out_dir else None
+    if ckpt and ckpt.exists():
+        position, prior_losses = ckpt.load(built.params, opt)
+        step, epoch, skip = position["step"], position["epoch"], position["batch"]
+        log(state, f"resumed from {ckpt.dir} at step {step} (epoch {epoch + 1}, batch {skip})")
+    # ranks agree on a stop with one all-reduce: every step alone, every 10 steps in a group
+    stop_every = 1 if state.world_size == 1 else 10
     step_times: list[float] = []
     built.train_mode(True)
     metrics.reset_peak_memory(built.devices)
@@ -98,9 +120,11 @@ def run(
     # steady-state throughput leaves out the first steps (allocator warm-up, compilation, shape inference)
     warm = 4 if n_steps > 8 else 0  # after the recorded timeline steps (core.timeline)
     t_warm = clock.t0
-    step, epoch, micro, batch_losses = 0, 0, 0, []
+    micro, batch_losses = 0, []
     while step < n_steps:
-        for x, y in batches(train, bs, cfg.seed, epoch):
+        for index, (x, y) in enumerate(batches(train, bs, cfg.seed, epoch)):
+            if index < skip:  # batches this run saw before its checkpoint
+                continue
             y = y.to(built.target_device, non_blocking=True)
             batch_losses.append(built.step(x, y))
             if checker:
@@ -136,9 +160,14 @@ def run(
                 )
             if step >= n_steps:
                 break
-        epoch += 1
+            if stop is not None and step % stop_every == 0 and stop.agreed(state) and ckpt:
+                done = prior_losses + [float(v) for v in losses]
+                ckpt.save(built.params, opt, {"step": step, "epoch": epoch, "batch": index + 1}, done)
+                log(state, f"stop requested: checkpoint at step {step} saved in {ckpt.dir}")
+                raise Preempted(f"checkpoint at step {step} in {ckpt.dir}")
+        epoch, skip = epoch + 1, 0
     train_time = clock.elapsed()
-    loss_values = [float(v) for v in torch.stack(losses).float().cpu()]
+    loss_values = prior_losses + ([float(v) for v in torch.stack(losses).float().cpu()] if losses else [])
 
     eval_acc, eval_n = evaluate(cfg, built, data.test, state)
     peaks, peak_kind = metrics.peak_memory_bytes(built.devices)
@@ -161,8 +190,8 @@ def run(
         "eval_accuracy": eval_acc,
         "eval_samples": eval_n,
         "train_time_s": train_time,
-        "samples_per_sec": len(loss_values) * bs * cfg.grad_accum / train_time,
-        "steady_samples_per_sec": (len(loss_values) - warm) * bs * cfg.grad_accum / (clock.t0 + train_time - t_warm),
+        "samples_per_sec": len(losses) * bs * cfg.grad_accum / train_time,  # this attempt's steps
+        "steady_samples_per_sec": (len(losses) - warm) * bs * cfg.grad_accum / (clock.t0 + train_time - t_warm),
         "steady_after_steps": warm,
         "peak_memory_bytes": [int(r[0]) for r in per_rank_peaks],
         "peak_memory_kind": peak_kind,

@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare", action="store_true", help="run mp and every pp schedule on the same model; one table, one PNG"
     )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a stopped run from its checkpoint, with the configuration it was started with",
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
     p.add_argument("--no-wait", action="store_true", help="submit and return; results land in the run folder")
     return p

@@ -251,6 +251,9 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
 
     executor = make_executor(cfg, log_dir, cluster, on_cuda)
     os.makedirs(folder, exist_ok=True)
+    from core.metrics import write_json_atomic
+
+    write_json_atomic(os.path.join(folder, "config.json"), cfg.to_dict())  # what --resume restarts
     port = free_port() if cluster == "local" else None
     try:
         # submitit echoes sbatch's stderr on failure; we say it once, below, in one line
@@ -280,6 +283,23 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
     if not quiet:
         print(format_summary(read_result(folder), folder), flush=True)
     return 0, folder
+
+
+def resume_config(run_dir: str) -> RunConfig:
+    """The configuration a stopped run was started with; it continues from its checkpoint."""
+    import json
+
+    path = os.path.join(run_dir, "config.json")
+    if os.path.exists(os.path.join(run_dir, "result.json")):
+        raise ConfigError(f"--resume {run_dir}: that run finished already (result.json is there)")
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume {run_dir}: no config.json there; give a run folder made by jobs/submit.py")
+    if not os.path.exists(os.path.join(run_dir, "checkpoint", "latest.json")):
+        raise ConfigError(f"--resume {run_dir}: no checkpoint there (a run saves one when it is stopped by SIGUSR2)")
+    with open(path) as f:
+        d = json.load(f)
+    d.update(out=os.path.abspath(run_dir), extra={}, dataset=d.get("dataset"))
+    return RunConfig.from_dict(d)
 
 
 def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
@@ -322,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         return compare(cfg, run_one)
     if args.pytest:
         return run_pytest_job(cfg, args.pytest, args.dry_run)
+    if args.resume:
+        try:
+            cfg = resume_config(args.resume)
+        except ConfigError as e:
+            return fail(str(e))
     return run_one(cfg, args.dry_run, args.no_wait)[0]
 
 

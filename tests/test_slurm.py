@@ -143,3 +143,46 @@ def test_auto_picks_slurm_when_sinfo_answers(slurm, tmp_path):
         timeout=60,
     )
     assert p.returncode == 0 and "would submit to slurm" in p.stdout and "#SBATCH" in p.stdout
+
+
+@pytest.mark.parametrize("strategy,extra", [("mp", ["--gpus", "3"]), ("pp", ["--gpus", "2", "--model", "gpt"])])
+def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, strategy, extra):
+    """scancel --signal=USR2 (what a preemption or the time limit sends): the job checkpoints,
+    requeues itself, resumes, and ends with exactly the losses of an uninterrupted run."""
+    import re
+
+    common = ["--strategy", strategy, *extra, "--steps", "120", "--batch-size", "16", "--log-every", "5"]
+    straight = tmp_path / "straight"
+    p = subprocess.run(
+        [sys.executable, SUBMIT, "--cluster", "local", *common, "--out", str(straight)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        [sys.executable, SUBMIT, "--cluster", "slurm", *common, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=slurm.environ(),
+        cwd=tmp_path,
+    )
+    job_id, deadline = None, time.time() + 120
+    while time.time() < deadline:  # wait until the job is training, then signal it
+        logs = list((out / "submitit").glob("*_0_log.out")) if (out / "submitit").exists() else []
+        if logs and "step 10/" in logs[0].read_text():
+            job_id = logs[0].name.split("_")[0]
+            break
+        time.sleep(0.5)
+    assert job_id, "job never started training"
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm.environ(), check=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert re.search(r"resumed from .* at step \d+", stdout), stdout[-3000:]
+    a = json.loads((straight / "result.json").read_text())
+    b = json.loads((out / "result.json").read_text())
+    assert len(b["losses"]) == 120 and b["losses"] == a["losses"]  # bit for bit on CPU
