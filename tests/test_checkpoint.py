@@ -7,11 +7,11 @@ import signal
 import threading
 
 import pytest
+from helpers import cfg, small_mnist
 
 from core.checkpoint import StopRequest
 from core.distributed import DistState
 from core.train import Preempted, run
-from helpers import cfg, small_mnist
 from jobs.strategies import get_build
 
 
