@@ -229,7 +229,7 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
     from jobs.executor import describe, free_port, make_executor
     from jobs.task import TrainTask
 
-    shown = {k: v for k, v in cfg.to_dict().items() if v not in (None, {}, False) and k != "extra"}
+    shown = {k: v for k, v in cfg.to_dict().items() if v not in (None, {}, False, []) and k != "extra"}
     if not quiet:
         print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
     log_dir = os.path.join(folder, "submitit")
