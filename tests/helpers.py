@@ -33,3 +33,19 @@ def small_mnist(n_train: int = 512, n_test: int = 256) -> Dataset:
     return Dataset(
         Split(d.train.x[:n_train], d.train.y[:n_train]), Split(d.test.x[:n_test], d.test.y[:n_test]), d.description
     )
+
+
+def run_submit(*args: str, cwd, timeout: float = 300, env: dict | None = None):
+    """Run ``python jobs/submit.py ARGS`` as a user would; the result carries ``seconds`` too."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    submit = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "submit.py")
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, submit, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+    p.seconds = time.time() - t0
+    return p

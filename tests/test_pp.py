@@ -6,7 +6,7 @@ import json
 
 import pytest
 from harness import run_ranks
-from helpers import cfg, small_mnist
+from helpers import cfg, run_submit, small_mnist
 
 from core.config import ConfigError
 from pp.schedules import SCHEDULES
@@ -147,32 +147,21 @@ def test_timeline_files_are_well_formed_and_in_dependency_order(schedule, tmp_pa
 
 
 def test_compare_runs_mp_and_every_schedule_into_one_table_and_picture(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "cmp"
-    p = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(root, "jobs", "submit.py"),
-            "--compare",
-            "--gpus",
-            "2",
-            "--model",
-            "delay",
-            "--steps",
-            "2",
-            "--cluster",
-            "local",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    p = run_submit(
+        "--compare",
+        "--gpus",
+        2,
+        "--model",
+        "delay",
+        "--steps",
+        2,
+        "--cluster",
+        "local",
+        "--out",
+        out,
         cwd=tmp_path,
+        timeout=900,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = json.loads((out / "compare.json").read_text())["rows"]

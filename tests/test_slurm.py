@@ -11,6 +11,7 @@ import time
 
 import pytest
 import slurm_cluster
+from helpers import run_submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBMIT = os.path.join(ROOT, "jobs", "submit.py")
@@ -29,17 +30,7 @@ def slurm(tmp_path_factory):
 
 
 def submit(slurm, tmp_path, *args, timeout=300):
-    t0 = time.time()
-    p = subprocess.run(
-        [sys.executable, SUBMIT, "--cluster", "slurm", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=slurm.environ(),
-        cwd=tmp_path,
-    )
-    p.seconds = time.time() - t0
-    return p
+    return run_submit("--cluster", "slurm", *args, cwd=tmp_path, timeout=timeout, env=slurm.environ())
 
 
 def test_mp_job_on_slurm_requests_gpus_and_passes_the_check(slurm, tmp_path):
@@ -134,14 +125,7 @@ def test_a_job_that_dies_before_python_fails_instead_of_waiting_forever(slurm, t
 
 
 def test_auto_picks_slurm_when_sinfo_answers(slurm, tmp_path):
-    p = subprocess.run(
-        [sys.executable, SUBMIT, "--dry-run", "--out", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-        env=slurm.environ(),
-        cwd=tmp_path,
-        timeout=60,
-    )
+    p = run_submit("--dry-run", "--out", tmp_path / "r", cwd=tmp_path, timeout=60, env=slurm.environ())
     assert p.returncode == 0 and "would submit to slurm" in p.stdout and "#SBATCH" in p.stdout
 
 
@@ -153,13 +137,7 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, strategy
 
     common = ["--strategy", strategy, *extra, "--steps", "120", "--batch-size", "16", "--log-every", "5"]
     straight = tmp_path / "straight"
-    p = subprocess.run(
-        [sys.executable, SUBMIT, "--cluster", "local", *common, "--out", str(straight)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    p = run_submit("--cluster", "local", *common, "--out", straight, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
 
     out = tmp_path / "preempted"

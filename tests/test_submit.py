@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from helpers import run_submit
 
 from jobs.submit import main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBMIT = os.path.join(ROOT, "jobs", "submit.py")
 
 BAD = {
     "gpus zero": (["--gpus", "0"], "--gpus must be at least 1"),
@@ -122,27 +119,20 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, capsys):
 def test_mp_job_through_submitit_writes_result_with_passed_check(tmp_path):
     """The issue's command, shortened: a real submitit local job, as a user runs it."""
     out = tmp_path / "run"
-    p = subprocess.run(
-        [
-            sys.executable,
-            SUBMIT,
-            "--strategy",
-            "mp",
-            "--gpus",
-            "3",
-            "--check",
-            "--steps",
-            "5",
-            "--cluster",
-            "local",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    p = run_submit(
+        "--strategy",
+        "mp",
+        "--gpus",
+        3,
+        "--check",
+        "--steps",
+        5,
+        "--cluster",
+        "local",
+        "--data-dir",
+        tmp_path / "data",
+        "--out",
+        out,
         cwd=tmp_path,
     )
     assert p.returncode == 0, p.stdout + p.stderr
@@ -175,28 +165,21 @@ def test_a_failing_rank_is_reported_in_one_line(tmp_path):
     """A job whose task raises ends with exit 1 and that task's own exception, not a traceback."""
     out = tmp_path / "run"
     # --train-samples smaller than one batch: the job itself fails (after submission, by design)
-    p = subprocess.run(
-        [
-            sys.executable,
-            SUBMIT,
-            "--strategy",
-            "pp",
-            "--gpus",
-            "2",
-            "--model",
-            "delay",
-            "--steps",
-            "2",
-            "--train-samples",
-            "4",
-            "--cluster",
-            "local",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    p = run_submit(
+        "--strategy",
+        "pp",
+        "--gpus",
+        2,
+        "--model",
+        "delay",
+        "--steps",
+        2,
+        "--train-samples",
+        4,
+        "--cluster",
+        "local",
+        "--out",
+        out,
         cwd=tmp_path,
     )
     assert p.returncode == 1
