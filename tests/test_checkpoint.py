@@ -7,12 +7,13 @@ import signal
 import threading
 
 import pytest
-from helpers import cfg, small_mnist
 
 from core.checkpoint import StopRequest
 from core.distributed import DistState
 from core.train import Preempted, run
 from jobs.strategies import get_build
+
+from helpers import cfg, small_mnist
 
 
 def test_sigusr2_checkpoint_and_resume_is_bit_for_bit(tmp_path):

@@ -11,8 +11,9 @@ import pytest
 
 from core.distributed import DistState
 from core.train import run
-from helpers import cfg, small_mnist
 from jobs.strategies import get_build
+
+from helpers import cfg, small_mnist
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "losses.json")
 CASES = {

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import run_ranks
-from helpers import cfg
 
 from core.data import Dataset, Split
 from core.distributed import DistState
 from core.train import run
 from jobs.strategies import get_build
 from pp.schedules import SCHEDULES
+
+from harness import run_ranks
+from helpers import cfg
 
 
 def mnist_shaped(n: int = 1024, seed: int = 0) -> Dataset:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from helpers import cfg, small_mnist
 
 from core.data import Dataset, Split
 from core.distributed import DistState
@@ -11,6 +10,8 @@ from core.models import build_model
 from core.train import run
 from jobs.strategies import get_build
 from mp import place_layers
+
+from helpers import cfg, small_mnist
 
 
 def _train(strategy: str, gpus: int, data: Dataset, **kw):

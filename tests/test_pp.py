@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import run_ranks
-from helpers import cfg, run_submit, small_mnist
 
 from core.config import ConfigError
 from pp.schedules import SCHEDULES
+
+from harness import run_ranks
+from helpers import cfg, run_submit, small_mnist
 
 MODELS = {"mnist-cnn": dict(batch_size=16), "gpt": dict(flavor="tiny", batch_size=8)}
 

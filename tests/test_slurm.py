@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+
 import slurm_cluster
 from helpers import run_submit
 

@@ -7,9 +7,10 @@ import os
 import sys
 
 import pytest
-from helpers import run_submit
 
 from jobs.submit import main
+
+from helpers import run_submit
 
 BAD = {
     "gpus zero": (["--gpus", "0"], "--gpus must be at least 1"),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from harness import run_ranks
-from helpers import cfg, small_mnist
 
 from core.config import ConfigError
+
+from harness import run_ranks
+from helpers import cfg, small_mnist
 
 
 class TPMatrix:
