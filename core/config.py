@@ -269,9 +269,7 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
     if cfg.resolved_dataset == "mnist":
         d = cfg.data_dir
         need(not os.path.isfile(d), f"--data-dir {d} is a file: give a folder (it is created if missing)")
-        probe = d
-        while not os.path.exists(probe):
-            probe = os.path.dirname(os.path.abspath(probe))
+        probe = existing_parent(d)
         need(
             os.access(probe, os.W_OK) or _has_mnist(d),
             f"--data-dir {d} is not writable: give a folder you can write to, or one that holds MNIST",
@@ -286,6 +284,14 @@ def _refuse_shell(name: str, value: str | None) -> None:
     if value is not None and any(m in value for m in SHELL_META):
         flag = "--" + name.replace("_", "-")
         raise ConfigError(f"{flag} {value!r} holds shell syntax (; $( ` | < > or a newline): give a plain value")
+
+
+def existing_parent(path: str) -> str:
+    """The nearest folder of ``path`` that exists (itself if it does): where it would be created."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def _has_mnist(d: str) -> bool:

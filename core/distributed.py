@@ -97,6 +97,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from its shards if it is a DTensor (tensor parallel), else itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def all_max(value: float, state: DistState) -> float:
     """The largest of one float across ranks (used for check differences and timings)."""
     if state.world_size == 1:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from core.config import RunConfig
-from core.distributed import DistState, all_max
+from core.distributed import DistState, all_max, full_tensor
 from core.strategy import Built, single_device_build
 
 
@@ -108,5 +108,4 @@ class ParityChecker:
         """After both optimizer steps: take the style's weights for the parameters this rank holds."""
         ref_params = dict(self.ref.params)
         for name, p in built.params:
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            ref_params[name].copy_(full.detach().to(ref_params[name].device))
+            ref_params[name].copy_(full_tensor(p).detach().to(ref_params[name].device))

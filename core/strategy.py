@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from core.config import RunConfig
+from core.distributed import full_tensor
 
 
 @dataclass
@@ -43,9 +44,7 @@ class Built:
             g = p.grad
             if g is None:
                 g = torch.zeros_like(p)
-            if hasattr(g, "full_tensor"):  # DTensor under tensor parallel
-                g = g.full_tensor()
-            out[name] = g.detach().float().cpu()
+            out[name] = full_tensor(g).detach().float().cpu()
         return out
 
 

@@ -9,7 +9,6 @@ sync per step on GPU.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 
 import torch
@@ -112,11 +111,9 @@ def run(
         log(state, f"resumed from {ckpt.dir} at step {step} (epoch {epoch + 1}, batch {skip})")
     # ranks agree on a stop with one all-reduce: every step alone, every 10 steps in a group
     stop_every = 1 if state.world_size == 1 else 10
-    step_times: list[float] = []
     built.train_mode(True)
     metrics.reset_peak_memory(built.devices)
     clock = metrics.Stopwatch(built.devices)
-    last = time.perf_counter()
     # steady-state throughput leaves out the first steps (allocator warm-up, compilation, shape inference)
     warm = 4 if n_steps > 8 else 0  # after the recorded timeline steps (core.timeline)
     t_warm = clock.t0
@@ -150,9 +147,6 @@ def run(
             if step == warm:
                 t_warm = clock.now()
             if step % cfg.log_every == 0 or step == n_steps or step == 1:
-                now = clock.now()
-                step_times.append(now - last)
-                last = now
                 log(
                     state,
                     f"step {step}/{n_steps}  epoch {epoch + 1}  loss {loss.item():.4f}  "

@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 # the job imports this code by reference: make it importable in every task, installed or not
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from core.config import ConfigError, RunConfig, validate  # noqa: E402
+from core.config import ConfigError, RunConfig, existing_parent, validate  # noqa: E402
 from core.data import DataError, download_mnist, load_mnist  # noqa: E402
 from jobs.cli import build_parser, config_from_args  # noqa: E402
 
@@ -66,7 +66,7 @@ def prepare(cfg: RunConfig) -> tuple[str, str, bool]:
 
     if cfg.resolved_dataset == "mnist":
         # fetched here, on the submitting host: a compute node never downloads
-        why = download_mnist(cfg.data_dir) if os.access(_existing_parent(cfg.data_dir), os.W_OK) else "read-only"
+        why = download_mnist(cfg.data_dir) if os.access(existing_parent(cfg.data_dir), os.W_OK) else "read-only"
         if why:
             print(f"note: MNIST could not be downloaded into {cfg.data_dir} ({why})", flush=True)
         cfg.extra["data_source"] = load_mnist(cfg.data_dir).description
@@ -80,13 +80,6 @@ def shutil_rmtree_quiet(folder: str) -> None:
 
     if not os.path.exists(os.path.join(folder, "result.json")):
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _existing_parent(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
 
 
 class JobVanished(RuntimeError):
@@ -193,26 +186,21 @@ def first_failure(job) -> str:
 
     Read from every task's stderr, never by asking submitit for results: a task killed by Slurm
     (--kill-on-bad-exit) writes none, and waiting for it would hang."""
-    messages = []
+    texts = {}
     for i in range(job.num_tasks):
         try:
             with open(job.task(i).paths.stderr, errors="replace") as f:
-                text = f.read()
+                texts[i] = f.read()
         except OSError:
             continue
-        if re.search(r"(Error|Exception)\b", text):
-            messages.append((i, exception_line(text)))
+    messages = [(i, exception_line(t)) for i, t in texts.items() if re.search(r"(Error|Exception)\b", t)]
     for i, msg in messages:  # a rank's own error beats what its peers saw when it died
         if not any(k in msg.lower() for k in SECONDARY):
             return f"rank {i}: {msg}"
     if messages:
         return f"rank {messages[0][0]}: {messages[0][1]}"
-    for i in range(job.num_tasks):  # died before Python could raise (srun, container, node): say what it said
-        try:
-            with open(job.task(i).paths.stderr, errors="replace") as f:
-                lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
-        except OSError:
-            continue
+    for i, text in texts.items():  # died before Python could raise (srun, container, node): say what it said
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if lines:  # the first error line is the cause (slurmstepd's execve failure, ...); srun's follow
             return f"task {i} stderr: {next((ln for ln in lines if 'error' in ln.lower()), lines[-1])}"
     return "no task wrote anything to its stderr"

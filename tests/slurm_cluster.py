@@ -15,6 +15,8 @@ import socket
 import subprocess
 import time
 
+from jobs.executor import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
 MISSING_REASON = "Slurm daemons not installed: apt-get install slurmctld slurmd slurm-client munge (.ci/run does)"
 
@@ -22,12 +24,6 @@ MISSING_REASON = "Slurm daemons not installed: apt-get install slurmctld slurmd 
 def available() -> bool:
     found = all(shutil.which(d) or os.path.exists(f"/usr/sbin/{d}") for d in DAEMONS)
     return found and os.path.exists("/etc/munge/munge.key") and os.geteuid() == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exe(name: str) -> str:
@@ -59,8 +55,8 @@ class SlurmCluster:
         conf = f"""
 ClusterName=mpstest
 SlurmctldHost={self.host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

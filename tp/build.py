@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from core.config import RunConfig
-from core.distributed import DistState
+from core.distributed import DistState, full_tensor
 from core.models import BlockModel
 from core.strategy import Built, autocast
 from tp.comm import CommCounter
@@ -20,10 +20,6 @@ def loss_context(cfg: RunConfig):
 
         return loss_parallel()
     return contextlib.nullcontext()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
@@ -43,12 +39,12 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
                 loss.backward()
         if not comm:
             comm.update(counter.summary(layer_suffix="blocks.h0" if cfg.model == "gpt" else None))
-        return _local(loss.detach())
+        return full_tensor(loss.detach())
 
     @torch.no_grad()
     def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
-            return _local(model(x))
+            return full_tensor(model(x))
 
     def extras() -> dict:
         return {
