@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from core.config import RunConfig  # noqa: E402
 from core.data import Dataset, Split  # noqa: E402
 from core.distributed import DistState  # noqa: E402
+from core.layout import Layout  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.models.gpt import GPT_FLAVORS  # noqa: E402
 from core.train import run  # noqa: E402
@@ -55,7 +56,7 @@ def mnist_shaped(n: int) -> Dataset:
 
 def core_run(dataset: Dataset | None = None, **kw) -> dict:
     cfg = RunConfig(device="cuda", log_every=10**9, **kw)
-    return run(cfg, DistState(device=DEV), get_build(cfg.strategy), dataset=dataset)
+    return run(cfg, DistState(Layout.from_config(cfg), device=DEV), get_build(cfg.strategy), dataset=dataset)
 
 
 def bare_mnist_epoch(data: Dataset, steps: int, batch: int, tf32: bool) -> float:

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from core.config import RunConfig  # noqa: E402
 from core.distributed import DistState  # noqa: E402
+from core.layout import Layout  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.strategy import single_device_build  # noqa: E402
 from mp.placement import build as mp_build  # noqa: E402
@@ -40,7 +41,7 @@ def main() -> None:
     dev = torch.device("cuda", 0)
     torch.backends.cudnn.allow_tf32 = False
     x, y = torch.randn(128, 1, 28, 28, device=dev), torch.randint(0, 10, (128,), device=dev)
-    state = DistState(device=dev)
+    state = DistState(Layout.from_config(RunConfig(device="cuda")), device=dev)
     for _ in range(2):
         torch.manual_seed(0)
         print(

@@ -1,121 +1,147 @@
-"""Typed run configuration: one dataclass, validated once before anything starts.
+"""Typed run configuration: every option declared ONCE, validated once before anything starts.
 
-The command line (jobs/cli.py) maps onto these fields one for one; the resolved configuration is
-printed at start and stored in result.json, so a run folder says exactly what ran.
+Each field carries its help (and choices, flag name, parser where the type alone does not say) in
+``option(...)``; jobs/cli.py derives the command line from these fields, the printed configuration
+and config.json come from ``to_dict``. Adding an option means adding one field here.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 
-STRATEGIES = ("reference", "mp", "pp", "tp")
+STRATEGIES = ("reference", "dp", "mp", "pp", "tp")
 MODELS = ("mnist-cnn", "gpt", "delay")
 DATASETS = ("mnist", "synthetic")
 CLUSTERS = ("auto", "slurm", "local")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("fp32", "bf16")
+DP_MODES = ("fsdp", "ddp")
+# Defaults that depend on the model: declared here once, used by the resolved_* properties and help.
+MODEL_DEFAULTS = {
+    "mnist-cnn": {"batch_size": 128, "lr": 1e-3, "dataset": "mnist"},
+    "gpt": {"batch_size": 8, "lr": 3e-4, "dataset": "synthetic"},
+    "delay": {"batch_size": 16, "lr": 1e-3, "dataset": "synthetic"},
+}
 
 
 class ConfigError(ValueError):
     """A user mistake: the message is one line saying what is wrong and how to fix it."""
 
 
+def option(default=None, help: str = "", *, choices=None, flag=None, parse=None, metavar=None, factory=None):
+    """A configuration field that is also a command-line option (its one declaration)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "parse": parse, "metavar": metavar}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_split(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split takes blocks per stage like 2,1,3 (got {text!r})") from None
+
+
+def _by_model(key: str) -> str:
+    return ", ".join(
+        f"{m} {d[key]:g}" if isinstance(d[key], float) else f"{m} {d[key]}" for m, d in MODEL_DEFAULTS.items()
+    )
+
+
 @dataclass
 class RunConfig:
-    strategy: str = "mp"
-    """Which style splits the model: reference (one device), mp, pp or tp."""
-    gpus: int = 1
-    """Devices the model is split over (per job). Without a GPU: CPU devices (mp) or gloo processes."""
-    nodes: int = 1
-    """Nodes the job spans (Slurm only)."""
-    model: str = "mnist-cnn"
-    """mnist-cnn (the notebook's network), gpt (small decoder-only transformer) or delay (timing model)."""
-    flavor: str = "tiny"
-    """Named size of gpt / delay (see core/models); ignored by mnist-cnn."""
-    dataset: str | None = None
-    """mnist or synthetic; None picks mnist for mnist-cnn, synthetic for the others."""
-    data_dir: str = "./data"
-    """Where MNIST is downloaded to (on the submitting host) and read from."""
-    epochs: int | None = None
-    """Passes over the training set; exclusive with steps. Neither given: one epoch."""
-    steps: int | None = None
-    """Optimizer steps; exclusive with epochs."""
-    batch_size: int | None = None
-    """Global batch size; None: 128 for mnist-cnn (the notebook's), 8 for gpt, 16 for delay."""
-    lr: float | None = None
-    """Learning rate; None: 1e-3 (SGD, the notebook's) for mnist-cnn and delay, 3e-4 (AdamW) for gpt."""
-    seed: int = 0
-    """Seeds weights, data order and dropout."""
-    train_samples: int | None = None
-    """Use only the first N training samples (quick runs, tests)."""
-    eval_samples: int | None = None
-    """Evaluate on only the first N held-out samples."""
-    split: list[int] | None = None
-    """mp/pp: blocks per stage, e.g. [2, 1, 3]; None balances by parameter count."""
-    microbatches: int | None = None
-    """pp: micro-batches per step; None: 2 x stages."""
-    schedule: str = "1f1b"
-    """pp: the torch.distributed.pipelining schedule, by name."""
-    tp: int = 1
-    """Tensor-parallel degree (tp: equals gpus; pp: inside each stage)."""
-    sequence_parallel: bool = False
-    """tp (gpt): shard norms and activations between blocks on the sequence dimension."""
-    loss_parallel: bool = False
-    """tp (gpt): keep logits vocabulary-sharded into a parallel cross-entropy."""
-    grad_accum: int = 1
-    """Accumulate gradients over this many batches before each optimizer step."""
-    dtype: str = "fp32"
-    """fp32 (TF32 off) or bf16 autocast."""
-    compile: bool = False
-    """torch.compile each block (in place, names kept); not with split-backward pp schedules."""
-    check: bool = False
-    """Compare every step's loss and every gradient with a single-device reference (dropout off)."""
-    check_tol: float | None = None
-    """Relative tolerance of the check; None picks by dtype (fp32 1e-5, bf16 2e-2)."""
-    cluster: str = "auto"
-    """auto (Slurm when sinfo answers, else local), slurm or local."""
-    device: str = "auto"
-    """auto (cuda when present), cuda or cpu."""
-    container: str | None = None
-    """Apptainer image (.sif) or pyxis:IMAGE each task runs in (Slurm)."""
-    partition: str | None = None
-    account: str | None = None
-    time: int = 60
-    """Job time limit in minutes (Slurm)."""
-    qos: str | None = None
-    constraint: str | None = None
-    cpus_per_task: int | None = None
-    """CPUs per task (Slurm); None leaves Slurm's default."""
-    mem: str | None = None
-    """Memory per node, Slurm syntax (e.g. 64G)."""
-    kill_on_bad_exit: bool = True
-    """srun --kill-on-bad-exit: one failing rank ends the whole job at once."""
-    slurm_opts: list[str] = field(default_factory=list)
-    """Further sbatch options as KEY=VALUE (e.g. exclusive=true, reservation=r1)."""
-    out: str | None = None
-    """Run folder; None: runs/<strategy>-<time>/."""
-    dist_timeout_s: float = 300.0
-    """Timeout of every collective and of the rendezvous, in seconds (torch's default is 30 min)."""
-    log_every: int = 20
-    """Print a progress line every N steps."""
-    extra: dict = field(default_factory=dict)
-    """Resolved facts added at start (device kind, data source); not set by users."""
+    strategy: str = option(
+        "mp",
+        "how the model is split: reference (one device), dp (whole model per device, data parallel), mp, pp or tp",
+        choices=STRATEGIES,
+    )
+    gpus: int = option(
+        1,
+        "devices of the whole job: dp x pp x tp processes (pp, tp), dp x stages (mp); "
+        "on a host without GPU, CPU devices (mp) or gloo processes",
+    )
+    nodes: int = option(1, "nodes the job spans (Slurm)")
+    dp: int | None = option(None, "data-parallel replicas, each on --gpus / --dp devices (default 1; dp: --gpus)")
+    dp_mode: str | None = option(
+        None,
+        "how replicas keep gradients equal: fsdp (FSDP2 fully_shard) or ddp "
+        "(DistributedDataParallel) (default: ddp for mp, fsdp otherwise)",
+        choices=DP_MODES,
+    )
+    model: str = option(
+        "mnist-cnn",
+        "mnist-cnn (the notebook's network), gpt (decoder-only transformer) or delay (timing model)",
+        choices=MODELS,
+    )
+    flavor: str = option("tiny", "model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small (mnist-cnn has one)")
+    dataset: str | None = option(None, f"training data (default by model: {_by_model('dataset')})", choices=DATASETS)
+    data_dir: str = option("./data", "MNIST folder: downloaded there on the submitting host, read from there")
+    epochs: int | None = option(None, "passes over the training set (default 1; exclusive with --steps)")
+    steps: int | None = option(None, "optimizer steps instead of epochs")
+    batch_size: int | None = option(None, f"GLOBAL batch, cut into --dp shards (default: {_by_model('batch_size')})")
+    lr: float | None = option(None, f"learning rate (default: {_by_model('lr')}; SGD, AdamW for gpt)")
+    seed: int = option(0, "seeds weights, data order and dropout")
+    train_samples: int | None = option(None, "train on the first N samples only")
+    eval_samples: int | None = option(None, "evaluate on the first N held-out samples only")
+    split: list[int] | None = option(
+        None, "mp/pp: blocks per stage, e.g. 2,1,3 (default: balance parameters)", parse=parse_split
+    )
+    microbatches: int | None = option(None, "pp: micro-batches per replica's batch (default: 2 x stages)")
+    schedule: str = option(
+        "1f1b",
+        "pp: gpipe, 1f1b, interleaved-1f1b, looped-bfs, interleaved-zero-bubble, "
+        "zbv-zero-bubble, dualpipev (torch.distributed.pipelining's)",
+    )
+    tp: int = option(1, "tensor-parallel degree (tp: --gpus / --dp; pp: inside each stage)")
+    sequence_parallel: bool = option(False, "tp, gpt: shard norms and activations on the sequence dimension")
+    loss_parallel: bool = option(False, "tp, gpt: cross-entropy on vocabulary-sharded logits")
+    grad_accum: int = option(1, "batches accumulated per optimizer step")
+    dtype: str = option("fp32", "fp32 (TF32 off) or bf16 autocast", choices=DTYPES)
+    compile: bool = option(False, "torch.compile each block in place (GPU speed)")
+    check: bool = option(False, "compare every step's loss and every gradient with a single-device run (dropout off)")
+    check_tol: float | None = option(None, "relative tolerance of --check (default: fp32 1e-5, bf16 2e-2)")
+    cluster: str = option(
+        "auto", "where the job runs: auto (Slurm when sinfo answers, else this host), slurm or local", choices=CLUSTERS
+    )
+    device: str = option("auto", "auto (cuda where present), cuda or cpu", choices=DEVICES)
+    container: str | None = option(None, "Apptainer image (.sif) or pyxis:IMAGE each task runs in (Slurm)")
+    partition: str | None = option(None, "Slurm partition")
+    account: str | None = option(None, "Slurm account")
+    time: int = option(60, "job time limit in minutes (Slurm)")
+    qos: str | None = option(None, "Slurm quality of service")
+    constraint: str | None = option(None, "Slurm node features, e.g. h100")
+    cpus_per_task: int | None = option(None, "CPUs per task (Slurm; default: Slurm's)")
+    mem: str | None = option(None, "memory per node, Slurm syntax, e.g. 64G")
+    kill_on_bad_exit: bool = option(True, "1: a failing rank ends the whole job at once (srun --kill-on-bad-exit)")
+    slurm_opts: list[str] = option(
+        help="further sbatch option, repeatable (e.g. --slurm-opt exclusive=true)",
+        flag="--slurm-opt",
+        metavar="KEY=VALUE",
+        factory=list,
+    )
+    out: str | None = option(None, "run folder (default: runs/<strategy>-<time>/)")
+    dist_timeout_s: float = option(
+        300.0, "seconds any collective or rendezvous may wait before the job fails", flag="--dist-timeout"
+    )
+    log_every: int = option(20, "progress line every N steps")
 
     # ---- derived values -------------------------------------------------------------------
     @property
     def resolved_dataset(self) -> str:
-        return self.dataset or ("mnist" if self.model == "mnist-cnn" else "synthetic")
+        return self.dataset or MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["gpt"])["dataset"]
 
     @property
     def resolved_batch_size(self) -> int:
-        return self.batch_size or {"mnist-cnn": 128, "gpt": 8, "delay": 16}[self.model]
+        return self.batch_size or MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["gpt"])["batch_size"]
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (3e-4 if self.model == "gpt" else 1e-3)
+        return self.lr if self.lr is not None else MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["gpt"])["lr"]
 
     @property
     def resolved_tol(self) -> float:
@@ -125,15 +151,6 @@ class RunConfig:
         if self.check_tol is not None:
             return self.check_tol
         return 1e-5 if self.dtype == "fp32" else 2e-2
-
-    @property
-    def world_size(self) -> int:
-        """Processes the job starts: one for reference and mp, one per device for pp and tp."""
-        return 1 if self.strategy in ("reference", "mp") else self.gpus
-
-    @property
-    def pp_degree(self) -> int:
-        return self.gpus // self.tp if self.strategy == "pp" else 1
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -151,28 +168,34 @@ class RunConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def validate(cfg: RunConfig, cuda_count: int) -> None:
-    """Raise ConfigError for the first user mistake found. Runs before any job is started.
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a configuration field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
-    cuda_count is what the submitting host sees.
+
+def validate(cfg: RunConfig):
+    """Raise ConfigError for the first user mistake found; return the run's Layout.
+
+    Host-independent: what the submitting host has (GPUs, Slurm) is checked by the launch plan.
     """
+    from core.layout import Layout
     from core.models import FLAVORS, count_blocks
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(cfg.strategy in STRATEGIES, f"unknown --strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    need(cfg.model in MODELS, f"unknown --model {cfg.model!r}: choose one of {', '.join(MODELS)}")
+    for f in dataclasses.fields(RunConfig):  # choices, declared with each option
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        need(
+            choices is None or value is None or value in choices,
+            f"unknown {flag_of(f)} {value!r}: choose one of {', '.join(choices or ())}",
+        )
     need(
         cfg.model == "mnist-cnn" or cfg.flavor in FLAVORS[cfg.model],
         f"unknown --flavor {cfg.flavor!r} for {cfg.model}: choose one of {', '.join(FLAVORS[cfg.model])}",
     )
     n_blocks = count_blocks(cfg.model, cfg.flavor)
-    need(
-        cfg.dataset is None or cfg.dataset in DATASETS,
-        f"unknown --dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}",
-    )
     need(
         cfg.resolved_dataset == "mnist" or cfg.model != "mnist-cnn",
         "--model mnist-cnn trains on --dataset mnist (synthetic data is for gpt and delay)",
@@ -181,22 +204,24 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
         cfg.resolved_dataset != "mnist" or cfg.model == "mnist-cnn",
         f"--dataset mnist is for --model mnist-cnn; {cfg.model} uses --dataset synthetic",
     )
-    need(cfg.cluster in CLUSTERS, f"unknown --cluster {cfg.cluster!r}: choose one of {', '.join(CLUSTERS)}")
-    need(cfg.device in DEVICES, f"unknown --device {cfg.device!r}: choose one of {', '.join(DEVICES)}")
-    need(cfg.dtype in DTYPES, f"unknown --dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
-    need(cfg.gpus >= 1, f"--gpus must be at least 1 (got {cfg.gpus})")
-    need(cfg.nodes >= 1, f"--nodes must be at least 1 (got {cfg.nodes})")
-    need(cfg.strategy != "reference" or cfg.gpus == 1, "--strategy reference runs on one device: use --gpus 1")
     need(cfg.epochs is None or cfg.steps is None, "give --epochs or --steps, not both")
-    need(cfg.epochs is None or cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
-    need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1 (got {cfg.steps})")
-    need(cfg.batch_size is None or cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
-    need(cfg.grad_accum >= 1, f"--grad-accum must be at least 1 (got {cfg.grad_accum})")
+    for name in (
+        "epochs",
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "train_samples",
+        "eval_samples",
+        "time",
+        "cpus_per_task",
+        "log_every",
+    ):
+        v = getattr(cfg, name)
+        need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {v})")
     need(cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), f"--lr must be a positive number (got {cfg.lr})")
-    need(cfg.time >= 1, f"--time is in minutes and must be at least 1 (got {cfg.time})")
     need(
-        cfg.cpus_per_task is None or cfg.cpus_per_task >= 1,
-        f"--cpus-per-task must be at least 1 (got {cfg.cpus_per_task})",
+        math.isfinite(cfg.dist_timeout_s) and cfg.dist_timeout_s > 0,
+        f"--dist-timeout must be a positive number of seconds (got {cfg.dist_timeout_s})",
     )
     for opt in cfg.slurm_opts:
         need(
@@ -211,42 +236,16 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
         cfg.check_tol is None or (math.isfinite(cfg.check_tol) and cfg.check_tol > 0),
         f"--check-tol must be a positive number such as 1e-5 (got {cfg.check_tol})",
     )
-    for name in ("train_samples", "eval_samples"):
-        v = getattr(cfg, name)
-        need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {v})")
 
-    # Devices: ask for what the host has, and say what it has.
-    if cfg.device == "cuda":
-        need(cuda_count > 0, "--device cuda asked, but this host sees no CUDA GPU: use --device cpu (or auto)")
-    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda_count > 0)
-    resolved_cluster = cfg.extra.get("cluster", cfg.cluster)
-    if on_cuda and resolved_cluster == "local":
-        per_node = cfg.gpus
-        need(
-            per_node <= cuda_count,
-            f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus or submit to Slurm",
-        )
-    need(
-        cfg.container is None or resolved_cluster == "slurm",
-        "--container runs tasks under Slurm (apptainer or pyxis): add --cluster slurm, or drop --container",
-    )
-    need(
-        cfg.container is None or cfg.container.startswith("pyxis:") or os.path.isfile(cfg.container),
-        f"--container {cfg.container} is not a file: give the .sif path (on a shared filesystem) or pyxis:IMAGE",
-    )
-    need(
-        cfg.nodes == 1 or resolved_cluster != "local",
-        f"--nodes {cfg.nodes} needs Slurm; the local executor runs on this one host: use --nodes 1",
-    )
-    need(cfg.gpus % cfg.nodes == 0, f"--gpus {cfg.gpus} does not divide over --nodes {cfg.nodes}")
+    layout = Layout.from_config(cfg)
+    layout.check_batch(cfg.resolved_batch_size)
 
     # Stages: no more than there are blocks; an explicit split must describe every block.
-    stages = cfg.gpus if cfg.strategy == "mp" else cfg.pp_degree
     if cfg.strategy in ("mp", "pp"):
         need(
-            stages <= n_blocks,
-            f"--gpus {cfg.gpus} gives {stages} stages, but {cfg.model} has only {n_blocks} blocks: "
-            f"use at most {n_blocks}" + (" stages" if cfg.strategy == "pp" else ""),
+            layout.stages <= n_blocks,
+            f"--gpus {cfg.gpus} gives {layout.stages} stages per replica{_per_rank(cfg, layout)}, but "
+            f"{cfg.model} has only {n_blocks} blocks: use at most {n_blocks} stages",
         )
     if cfg.split is not None:
         need(cfg.strategy in ("mp", "pp"), "--split applies to --strategy mp or pp")
@@ -255,15 +254,11 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
             sum(cfg.split) == n_blocks,
             f"--split {_fmt(cfg.split)} sums to {sum(cfg.split)}, but {cfg.model} has {n_blocks} blocks",
         )
-    if cfg.strategy == "mp" and cfg.split is not None:
-        need(len(cfg.split) == cfg.gpus, f"--split {_fmt(cfg.split)} has {len(cfg.split)} stages for --gpus {cfg.gpus}")
-    need(cfg.tp >= 1, f"--tp must be at least 1 (got {cfg.tp})")
-    if cfg.strategy == "tp":
-        need(cfg.tp in (1, cfg.gpus), f"--strategy tp splits over all --gpus: drop --tp or set --tp {cfg.gpus}")
-    elif cfg.strategy == "pp":
-        need(cfg.gpus % cfg.tp == 0, f"--gpus {cfg.gpus} is not a multiple of --tp {cfg.tp}")
-    else:
-        need(cfg.tp == 1, "--tp applies to --strategy tp and pp")
+        need(
+            len(cfg.split) == layout.stages,
+            f"--split {_fmt(cfg.split)} gives {len(cfg.split)} stages, but the layout has {layout.stages} "
+            f"per replica{_per_rank(cfg, layout)}",
+        )
 
     # The data folder must be usable before anything is queued.
     if cfg.resolved_dataset == "mnist":
@@ -274,6 +269,7 @@ def validate(cfg: RunConfig, cuda_count: int) -> None:
             os.access(probe, os.W_OK) or _has_mnist(d),
             f"--data-dir {d} is not writable: give a folder you can write to, or one that holds MNIST",
         )
+    return layout
 
 
 SHELL_META = (";", "$(", "`", "\n", "\r", "&&", "||", "|", ">", "<")
@@ -297,6 +293,12 @@ def existing_parent(path: str) -> str:
 def _has_mnist(d: str) -> bool:
     raw = os.path.join(d, "MNIST", "raw")
     return os.path.isdir(raw) and any(n.startswith("t10k-images") for n in os.listdir(raw))
+
+
+def _per_rank(cfg: RunConfig, layout) -> str:
+    if layout.stages_per_rank == 1:
+        return ""
+    return f" (--schedule {cfg.schedule} puts {layout.stages_per_rank} on each of {layout.pp} pipeline ranks)"
 
 
 def _fmt(split: list[int]) -> str:

@@ -16,36 +16,43 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from core.layout import Layout
+
 
 @dataclass
 class DistState:
-    """Everything a strategy needs to know about where it runs; passed as an argument, never global."""
+    """Where this process runs in the layout; passed as an argument, never global.
 
+    Every degree comes from ``layout`` (core.layout.Layout); this object adds only what the
+    launcher decided: the rank, the device, the backend and the mesh built from the layout."""
+
+    layout: Layout
     rank: int = 0
-    world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
-    pp: int = 1
-    tp: int = 1
     mesh: object | None = None
-    """DeviceMesh with dimensions ("pp", "tp") when world_size > 1."""
+    """DeviceMesh with dimensions ("dp", "pp", "tp") when the layout has more than one process."""
 
-    def __post_init__(self) -> None:
-        if self.pp * self.tp != self.world_size:
-            raise ValueError(f"pp {self.pp} x tp {self.tp} != world size {self.world_size}")
+    @property
+    def world_size(self) -> int:
+        return self.layout.processes
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def dp_rank(self) -> int:
+        return self.layout.coords(self.rank)[0]
+
+    @property
     def pp_rank(self) -> int:
-        return self.rank // self.tp
+        return self.layout.coords(self.rank)[1]
 
     @property
     def tp_rank(self) -> int:
-        return self.rank % self.tp
+        return self.layout.coords(self.rank)[2]
 
     @property
     def is_first_stage(self) -> bool:
@@ -53,43 +60,56 @@ class DistState:
 
     @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+        return self.pp_rank == self.layout.pp - 1
 
     def submesh(self, name: str):
+        """The 1-D mesh of one axis ("dp", "pp" or "tp") through this rank; None without a group."""
         return self.mesh[name] if self.mesh is not None else None
 
+    def group(self, name: str):
+        """The process group of one axis through this rank; None when the axis has one rank."""
+        if self.mesh is None or getattr(self.layout, name) == 1:
+            return None
+        return self.mesh[name].get_group()
 
-def pick_device(kind: str, local_rank: int = 0) -> torch.device:
-    """kind is auto/cuda/cpu; on CUDA each process takes its local rank's GPU among those visible."""
+
+def pick_device(kind: str, local_rank: int = 0, per_process: int = 1) -> torch.device:
+    """kind is auto/cuda/cpu. On CUDA a process takes the first of its ``per_process`` GPUs among
+    those visible: the local rank's block (a task restricted to its own GPUs sees them from 0)."""
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     n = torch.cuda.device_count()
-    return torch.device("cuda", local_rank % max(n, 1))
+    return torch.device("cuda", (local_rank * per_process) % max(n, 1))
 
 
-def init_distributed(device_kind: str = "auto", tp: int = 1, timeout_s: float = 300.0) -> DistState:
-    """Start (or join) the process group described by the environment; one process if none is.
+def init_distributed(layout: Layout, device_kind: str = "auto", timeout_s: float = 300.0) -> DistState:
+    """Start (or join) the process group described by the environment, and the layout's mesh.
 
-    A launcher that sets RANK gets a group even of size 1, so TP degree 1 runs the same code.
+    A layout of one process (reference, mp without dp) starts no group, unless a launcher set
+    RANK (torchrun, tests): then a group of one runs the same code as a larger one.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_kind, local_rank)
-    if "RANK" not in os.environ:  # plain single process: no group (reference, mp)
-        return DistState(device=device)
-    if world % tp:
-        raise ValueError(f"world size {world} is not a multiple of tp {tp}")
+    device = pick_device(device_kind, local_rank, layout.devices_per_process)
+    if "RANK" not in os.environ:
+        if layout.distributed:
+            raise RuntimeError(
+                f"the layout needs {layout.processes} processes, but no launcher set RANK/WORLD_SIZE: "
+                "start it through jobs/submit.py or torchrun"
+            )
+        return DistState(layout, device=device)
+    if world != layout.processes:
+        raise RuntimeError(
+            f"the launcher started {world} process(es), but the layout ({layout.describe()}) needs {layout.processes}"
+        )
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("pp", "tp"))
-    return DistState(rank, world, local_rank, device, backend, world // tp, tp, mesh)
+    return DistState(layout, rank, local_rank, device, backend, layout.build_mesh(device.type))
 
 
 def shutdown() -> None:

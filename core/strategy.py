@@ -55,13 +55,17 @@ def autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def single_device_build(model: nn.Module, cfg: RunConfig, device: torch.device) -> Built:
-    """The whole model on one device: the reference strategy, and the parity check's twin."""
+def single_device_build(
+    model: nn.Module, cfg: RunConfig, device: torch.device, wrap: Callable[[nn.Module], nn.Module] | None = None
+) -> Built:
+    """The whole model on one device: the reference strategy, and the parity check's twin.
+    ``wrap`` returns what runs the model (data parallel: its FSDP2 or DDP form)."""
     model.to(device)
+    run = wrap(model) if wrap else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
-            out = model(x)
+            out = run(x)
         loss = model.loss(out, y)
         loss.backward()
         return loss.detach()
@@ -69,6 +73,6 @@ def single_device_build(model: nn.Module, cfg: RunConfig, device: torch.device) 
     @torch.no_grad()
     def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
-            return model(x)
+            return run(x)
 
     return Built(list(model.named_parameters()), step, predict, device, device, [device], model.train)

@@ -18,6 +18,7 @@ from core import metrics
 from core.checkpoint import Checkpointer, StopRequest
 from core.config import RunConfig
 from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
+from core.data_parallel import dp_bytes_per_step, mean_over_dp
 from core.distributed import DistState, all_gather_floats
 from core.models import build_model
 from core.reference import ParityChecker
@@ -31,17 +32,26 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
 
     Under tensor parallel some parameters are DTensors and some (unsplit norms) plain tensors: the
     multi-tensor (foreach) kernels refuse such a mix on CUDA, so those runs step tensor by tensor.
+    FSDP2 alone makes every parameter a DTensor on the one "dp" mesh: those step fused.
     """
-    dtensor = _has_dtensor(params)
-    fused = bool(params) and all(p.device.type == "cuda" for p in params) and not dtensor
-    foreach = False if dtensor else None
+    # all DTensors on one mesh (FSDP2 alone) step like plain tensors, fused or foreach; a mix
+    # (TP's replicated norms beside sharded matrices) steps tensor by tensor
+    one_kind = not _has_dtensor(params) or (
+        all(_is_dtensor(p) for p in params) and len({p.device_mesh for p in params}) == 1
+    )
+    fused = bool(params) and all(p.device.type == "cuda" for p in params) and one_kind
+    foreach = None if one_kind else False
     if cfg.model == "gpt":
         return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=0.0, fused=fused or None, foreach=foreach)
     return torch.optim.SGD(params, lr=cfg.resolved_lr, foreach=foreach)
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return hasattr(p, "full_tensor")
+
+
 def _has_dtensor(params: list[nn.Parameter]) -> bool:
-    return any(hasattr(p, "full_tensor") for p in params)
+    return any(_is_dtensor(p) for p in params)
 
 
 def set_numerics(cfg: RunConfig) -> None:
@@ -88,6 +98,8 @@ def run(
     bs = cfg.resolved_batch_size
     data = dataset or load_dataset(cfg.model, cfg.flavor, cfg.resolved_dataset, cfg.data_dir, cfg.seed, bs)
     log(state, f"data: {data.description}")
+    log(state, state.layout.describe())
+    shard = state.layout.shard(state.rank, bs)  # this replica's rows of every global batch
 
     make_opt = lambda params: make_optimizer(cfg, params)
     checker = ParityChecker(model, cfg, state, make_opt) if cfg.check else None  # copies weights first
@@ -117,13 +129,15 @@ def run(
     # steady-state throughput leaves out the first steps (allocator warm-up, compilation, shape inference)
     warm = 4 if n_steps > 8 else 0  # after the recorded timeline steps (core.timeline)
     t_warm = clock.t0
-    micro, batch_losses = 0, []
+    micro, batch_losses, replica_batch = 0, [], None
     while step < n_steps:
         for index, (x, y) in enumerate(batches(train, bs, cfg.seed, epoch)):
             if index < skip:  # batches this run saw before its checkpoint
                 continue
             y = y.to(built.target_device, non_blocking=True)
-            batch_losses.append(built.step(x, y))
+            x_local, y_local = x[shard], y[shard]
+            replica_batch = len(x_local)
+            batch_losses.append(mean_over_dp(built.step(x_local, y_local), state))
             if checker:
                 checker.micro_step(x, y)
             micro += 1
@@ -174,6 +188,8 @@ def run(
         "data_source": data.description,
         "world_size": state.world_size,
         "nodes": cfg.nodes,
+        "layout": state.layout.to_dict(),
+        "replica_batch": replica_batch,  # rows each data-parallel replica trained on per batch
         "device": str(built.input_device.type),
         "devices": [str(d) for d in built.devices],
         "torch_version": torch.__version__,
@@ -191,6 +207,7 @@ def run(
         "peak_memory_kind": peak_kind,
     }
     result.update(built.result_extras())
+    result["communication_per_axis"] = communication_per_axis(result, built, state)
     if checker:
         result["check"] = checker.summary.to_dict()
     if out_dir:
@@ -201,6 +218,19 @@ def run(
     return result
 
 
+def communication_per_axis(result: dict, built: Built, state: DistState) -> dict:
+    """What each axis moves per step: dp by construction of its mode (core.data_parallel), pp's
+    activation sends as recorded by the pipeline, tp's collectives as counted on the first step."""
+    out = {}
+    if state.layout.dp > 1:
+        out["dp"] = dp_bytes_per_step(built.params, state)
+    if "p2p_bytes_per_step" in result:
+        out["pp"] = result["p2p_bytes_per_step"]
+    if "communication_first_step" in result:
+        out["tp"] = result["communication_first_step"]
+    return out
+
+
 @torch.no_grad()
 def evaluate(cfg: RunConfig, built: Built, test: Split | None, state: DistState) -> tuple[float | None, int]:
     """Classification accuracy on held-out data (mnist-cnn); other models have no accuracy."""
@@ -208,23 +238,31 @@ def evaluate(cfg: RunConfig, built: Built, test: Split | None, state: DistState)
         return None, 0
     test = test.head(cfg.eval_samples)
     bs = cfg.resolved_batch_size
+    shard = state.layout.shard(state.rank, bs)  # each replica scores its rows of each batch
     built.train_mode(False)
     correct = torch.zeros((), dtype=torch.long, device=built.target_device)
     scored = False
     for start in range(0, len(test), bs):
-        x = test.x[start : start + bs].to(built.input_device)
-        y = test.y[start : start + bs].to(built.target_device)
+        x, y = test.x[start : start + bs], test.y[start : start + bs]
         n = len(x)
         if n < bs:  # pad the tail: pipelines need whole batches; padded rows are not scored
             x = torch.cat([x, x.new_zeros((bs - n, *x.shape[1:]))])
             y = torch.cat([y, y.new_zeros((bs - n, *y.shape[1:]))])
+        real = (torch.arange(bs) < n)[shard]
+        x, y = x[shard].to(built.input_device), y[shard].to(built.target_device)
         out = built.predict(x, y)
         if out is not None:
             scored = True
-            correct += (out[:n].argmax(dim=1) == y[:n].to(out.device)).sum().to(correct.device)
+            hits = (out.argmax(dim=1) == y.to(out.device)) & real.to(out.device)
+            correct += hits.sum().to(correct.device)
     built.train_mode(True)
-    # only the last stage holds outputs: the largest count across ranks is the true one
-    total = all_gather_floats([float(correct.item()), float(scored)], state)
-    if not any(t[1] for t in total):
+    # only a pipeline's last stage holds outputs (and every tensor rank holds the same): per
+    # replica the largest count is the true one; replicas scored different rows, so they add up
+    total = all_gather_floats([float(correct.item()), float(scored), float(state.dp_rank)], state)
+    per_replica: dict[int, float] = {}
+    for count, was_scored, replica in total:
+        if was_scored:
+            per_replica[int(replica)] = max(per_replica.get(int(replica), 0.0), count)
+    if not per_replica:
         return None, 0  # the style could not run forward-only (see pp.pipeline.NO_EVAL)
-    return max(t[0] for t in total) / len(test), len(test)
+    return sum(per_replica.values()) / len(test), len(test)

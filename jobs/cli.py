@@ -1,14 +1,38 @@
-"""The command line of DESIGN.md section 2, mapped onto core.config.RunConfig.
+"""The command line of DESIGN.md section 2, DERIVED from core.config.RunConfig's fields.
 
-argparse errors and ConfigError both end as one line on stderr and exit status 2.
+Every training option is declared once, as a RunConfig field (name, type, default, choices, help);
+the few that are actions of the submit command, not part of a run, are declared the same way in
+``SubmitActions``. argparse errors and ConfigError both end as one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
+from dataclasses import dataclass
 
-from core.config import CLUSTERS, DATASETS, DEVICES, DTYPES, MODELS, STRATEGIES, RunConfig
+from core.config import RunConfig, flag_of, option
+
+
+@dataclass
+class SubmitActions:
+    """What the submit command does with the run (not stored in config.json)."""
+
+    dry_run: bool = option(False, "print what would be submitted (the sbatch script); submit nothing")
+    no_wait: bool = option(False, "submit and return; results land in the run folder")
+    resume: str | None = option(
+        None,
+        "continue a stopped run from its checkpoint, with the configuration it was started with",
+        metavar="RUN_DIR",
+    )
+    compare: bool = option(False, "run mp and every pp schedule on the same model; one table, one PNG")
+    pytest: str | None = option(
+        None,
+        "submit 'pytest -m MARKER' as the job (e.g. gpu) to check a node; other training flags ignored",
+        metavar="MARKER",
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,166 +53,76 @@ class DefaultsWhereSet(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _split(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--split takes blocks per stage like 2,1,3 (got {text!r})") from None
+def _number(flag: str, kind: type):
+    what = "a whole number such as 4" if kind is int else "a number such as 1e-5"
 
-
-def _float(name: str):
-    def parse(text: str) -> float:
+    def parse(text: str):
         try:
-            return float(text)
+            return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number such as 1e-5 (got {text!r})") from None
+            raise argparse.ArgumentTypeError(f"{flag} must be {what} (got {text!r})") from None
 
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _zero_one(flag: str):
+    def parse(text: str) -> bool:
+        if text not in ("0", "1"):
+            raise argparse.ArgumentTypeError(f"{flag} takes 0 or 1 (got {text!r})")
+        return text == "1"
+
+    return parse
+
+
+def _base_type(hint) -> type:
+    """int for ``int | None``, list for ``list[str]``, ..."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        hint = args[0]
+    return typing.get_origin(hint) or hint
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, suppress_defaults: bool = False) -> None:
+    """One argparse option per dataclass field, from the field's declaration."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, flag = f.metadata, flag_of(f)
+        kind = _base_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw: dict = {"dest": f.name, "help": meta.get("help", "")}
+        if meta.get("choices"):
+            kw["help"] = f"{kw['help']}; one of {', '.join(meta['choices'])}"
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if kind is bool and default is False:
+            kw["action"] = "store_true"
+        elif kind is bool:  # on by default: --flag 0 turns it off
+            kw.update(type=_zero_one(flag), metavar="{0,1}")
+        elif kind is list and meta.get("parse") is None:
+            kw["action"] = "append"
+        else:
+            kw["type"] = meta.get("parse") or (_number(flag, kind) if kind in (int, float) else str)
+        kw["default"] = argparse.SUPPRESS if suppress_defaults else default
+        parser.add_argument(flag, **kw)
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python jobs/submit.py",
-        description="Train a model split over several devices (mp, pp, tp) through submitit: Slurm when it "
+        description="Train a model split over several devices (dp, mp, pp, tp) through submitit: Slurm when it "
         "answers, else the local executor; CPU with gloo where there is no GPU. Bad input: one line, exit 2.",
         formatter_class=DefaultsWhereSet,
     )
-    c = RunConfig()
-    p.add_argument("--strategy", default=c.strategy, help=f"one of {', '.join(STRATEGIES)}")
-    p.add_argument(
-        "--gpus", type=int, default=c.gpus, help="devices the model is split over (CPU: devices or processes)"
-    )
-    p.add_argument("--nodes", type=int, default=c.nodes, help="nodes (Slurm only)")
-    p.add_argument("--model", default=c.model, help=f"one of {', '.join(MODELS)}")
-    p.add_argument(
-        "--flavor", default=c.flavor, help="model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small"
-    )
-    p.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default: by model)")
-    p.add_argument("--data-dir", default=c.data_dir, help="MNIST folder (downloaded on the submitting host)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 1)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="global batch (default: mnist-cnn 128, gpt 8, delay 16)"
-    )
-    p.add_argument("--lr", type=_float("--lr"), default=None, help="learning rate (default: 1e-3 SGD; gpt 3e-4 AdamW)")
-    p.add_argument("--seed", type=int, default=c.seed)
-    p.add_argument("--train-samples", type=int, default=None, help="train on the first N samples only")
-    p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N held-out samples only")
-    p.add_argument(
-        "--split", type=_split, default=None, help="mp/pp: blocks per stage, e.g. 2,1,3 (default: balance parameters)"
-    )
-    p.add_argument("--microbatches", type=int, default=None, help="pp: micro-batches per batch (default 2 x stages)")
-    p.add_argument(
-        "--schedule",
-        default=c.schedule,
-        help="pp: gpipe, 1f1b, interleaved-1f1b, looped-bfs, interleaved-zero-bubble, zbv-zero-bubble, dualpipev",
-    )
-    p.add_argument("--tp", type=int, default=c.tp, help="tensor-parallel degree (pp: inside each stage)")
-    p.add_argument("--sequence-parallel", action="store_true", help="tp, gpt: sequence parallel norms/activations")
-    p.add_argument("--loss-parallel", action="store_true", help="tp, gpt: cross-entropy on vocabulary-sharded logits")
-    p.add_argument("--grad-accum", type=int, default=c.grad_accum, help="batches accumulated per optimizer step")
-    p.add_argument("--dtype", default=c.dtype, help=f"one of {', '.join(DTYPES)}")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU speed)")
-    p.add_argument("--check", action="store_true", help="compare loss and every gradient with a single-device run")
-    p.add_argument(
-        "--check-tol",
-        type=_float("--check-tol"),
-        default=None,
-        help="relative tolerance of --check (default: fp32 1e-5, bf16 2e-2)",
-    )
-    p.add_argument("--cluster", default=c.cluster, help=f"one of {', '.join(CLUSTERS)}")
-    p.add_argument("--device", default=c.device, help=f"one of {', '.join(DEVICES)}")
-    p.add_argument("--container", default=None, help="Apptainer image (.sif) or pyxis:IMAGE (Slurm)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--time", type=int, default=c.time, help="time limit in minutes")
-    p.add_argument("--qos", default=None, help="Slurm quality of service")
-    p.add_argument("--constraint", default=None, help="Slurm node features, e.g. h100")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (Slurm)")
-    p.add_argument("--mem", default=None, help="memory per node, Slurm syntax, e.g. 64G")
-    p.add_argument(
-        "--kill-on-bad-exit",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="1: a failing rank ends the whole job at once (srun --kill-on-bad-exit)",
-    )
-    p.add_argument(
-        "--slurm-opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="further sbatch option, repeatable (e.g. --slurm-opt exclusive=true)",
-    )
-    p.add_argument(
-        "--pytest",
-        default=None,
-        metavar="MARKER",
-        help="submit 'pytest -m MARKER' as the job (e.g. gpu) to check a node; other training flags ignored",
-    )
-    p.add_argument("--out", default=None, help="run folder (default runs/<strategy>-<time>/)")
-    p.add_argument(
-        "--dist-timeout",
-        type=_float("--dist-timeout"),
-        default=c.dist_timeout_s,
-        help="seconds any collective may wait before the job fails",
-    )
-    p.add_argument("--log-every", type=int, default=c.log_every, help="progress line every N steps")
-    p.add_argument(
-        "--compare", action="store_true", help="run mp and every pp schedule on the same model; one table, one PNG"
-    )
-    p.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue a stopped run from its checkpoint, with the configuration it was started with",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
-    p.add_argument("--no-wait", action="store_true", help="submit and return; results land in the run folder")
+    add_options(p, RunConfig, suppress_defaults)
+    add_options(p.add_argument_group("submit command"), SubmitActions, suppress_defaults)
     return p
 
 
-def config_from_args(a: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        strategy=a.strategy,
-        gpus=a.gpus,
-        nodes=a.nodes,
-        model=a.model,
-        flavor=a.flavor,
-        dataset=a.dataset,
-        data_dir=a.data_dir,
-        epochs=a.epochs,
-        steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        seed=a.seed,
-        train_samples=a.train_samples,
-        eval_samples=a.eval_samples,
-        split=a.split,
-        microbatches=a.microbatches,
-        schedule=a.schedule,
-        tp=a.tp,
-        sequence_parallel=a.sequence_parallel,
-        loss_parallel=a.loss_parallel,
-        grad_accum=a.grad_accum,
-        dtype=a.dtype,
-        compile=a.compile,
-        qos=a.qos,
-        constraint=a.constraint,
-        cpus_per_task=a.cpus_per_task,
-        mem=a.mem,
-        kill_on_bad_exit=bool(a.kill_on_bad_exit),
-        slurm_opts=a.slurm_opt,
-        check=a.check,
-        check_tol=a.check_tol,
-        cluster=a.cluster,
-        device=a.device,
-        container=a.container,
-        partition=a.partition,
-        account=a.account,
-        time=a.time,
-        out=a.out,
-        dist_timeout_s=a.dist_timeout,
-        log_every=max(1, a.log_every),
-    )
+def parse(argv: list[str] | None) -> tuple[RunConfig, SubmitActions, set[str]]:
+    """The run's configuration, the command's actions, and the names of the options the user gave."""
+    a = vars(build_parser().parse_args(argv))
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in a.items() if k in names})
+    actions = SubmitActions(**{k: v for k, v in a.items() if k not in names})
+    return cfg, actions, given

@@ -29,7 +29,7 @@ def compare(base: RunConfig, run_one) -> int:
     variants += [(s, dataclasses.replace(base, strategy="pp", schedule=s)) for s in SCHEDULES]
     rows, panels, code = [], [], 0
     for name, cfg in variants:
-        cfg = dataclasses.replace(cfg, out=os.path.join(folder, name), extra={})
+        cfg = dataclasses.replace(cfg, out=os.path.join(folder, name))
         print(f"--- {name}", flush=True)
         rc, run_folder = run_one(cfg, quiet=True)
         if rc != 0:

@@ -15,6 +15,7 @@ import subprocess
 import submitit
 
 from core.config import RunConfig
+from jobs.plan import LaunchPlan
 
 
 def slurm_answers(timeout_s: float = 10.0) -> bool:
@@ -39,30 +40,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def job_shape(cfg: RunConfig, on_cuda: bool) -> dict:
-    """Tasks and GPUs: one task per device for pp/tp, one task holding all devices for mp/reference."""
-    tasks = cfg.world_size // cfg.nodes if cfg.world_size > 1 else 1
-    gpus = cfg.gpus // cfg.nodes if on_cuda else 0
-    return {"nodes": cfg.nodes, "tasks_per_node": tasks, "gpus_per_node": gpus}
+class SlurmScriptPreview(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor for rendering only (--dry-run): its constructor refuses to run where
+    ``srun`` is missing, but a laptop previewing a script before logging in has no Slurm. It never
+    submits: its script text is submitit's own, from the same parameters."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+    def _submit_command(self, command: str):  # pragma: no cover - a preview never submits
+        raise RuntimeError("a dry-run preview cannot submit")
 
 
-def make_executor(
-    cfg: RunConfig, folder: str, cluster: str, on_cuda: bool, run_folder: str | None = None
-) -> submitit.Executor:
-    """folder: submitit's log folder; run_folder: the run folder tasks write to (bound into a container)."""
-    shape = job_shape(cfg, on_cuda)
-    if cluster == "local":
+def make_executor(plan: LaunchPlan, folder: str, preview: bool = False) -> submitit.Executor:
+    """folder: submitit's log folder. Tasks and GPUs come from the plan's layout."""
+    cfg, layout = plan.cfg, plan.layout
+    gpus_per_node = layout.gpus_per_node if plan.requests_gpus else 0
+    if plan.cluster == "local":
         ex = submitit.LocalExecutor(folder=folder)
-        params = {"tasks_per_node": shape["tasks_per_node"], "timeout_min": cfg.time}
-        if shape["gpus_per_node"]:
-            params["gpus_per_node"] = shape["gpus_per_node"]
+        params = {"tasks_per_node": layout.processes_per_node, "timeout_min": cfg.time}
+        if gpus_per_node:
+            params["gpus_per_node"] = gpus_per_node
         ex.update_parameters(**params)
         return ex
-    ex = submitit.SlurmExecutor(folder=folder)
+    ex = (SlurmScriptPreview if preview else submitit.SlurmExecutor)(folder=folder)
     srun_args = [f"--kill-on-bad-exit={int(cfg.kill_on_bad_exit)}"]
     params = {
-        "nodes": shape["nodes"],
-        "ntasks_per_node": shape["tasks_per_node"],
+        "nodes": layout.nodes,
+        "ntasks_per_node": layout.processes_per_node,
         "time": cfg.time,
         "job_name": f"mps-{cfg.strategy}",
         # submitit sends USR2 this long before the time limit: enough to checkpoint and requeue
@@ -70,7 +76,7 @@ def make_executor(
         "srun_args": srun_args,
     }
     optional = {
-        "gpus_per_node": shape["gpus_per_node"] or None,
+        "gpus_per_node": gpus_per_node or None,
         "partition": cfg.partition,
         "account": cfg.account,
         "qos": cfg.qos,
@@ -83,7 +89,7 @@ def make_executor(
     if extra:
         params["additional_parameters"] = {k.strip().replace("-", "_"): _value(v.strip()) for k, v in extra.items()}
     if cfg.container:
-        wrap_container(ex, cfg, run_folder or os.path.dirname(os.path.abspath(folder)), srun_args)
+        wrap_container(ex, cfg, plan.run_dir, srun_args)
     ex.update_parameters(**params)
     return ex
 
@@ -115,14 +121,13 @@ def wrap_container(ex: submitit.SlurmExecutor, cfg: RunConfig, run_folder: str, 
         )
 
 
-def describe(ex: submitit.Executor, cluster: str, cfg: RunConfig) -> str:
+def describe(ex: submitit.Executor, plan: LaunchPlan) -> str:
     """What --dry-run prints: the sbatch script for Slurm, the process plan for local runs."""
-    if cluster == "slurm":
-        inner = ex  # SlurmExecutor renders its script from the parameters; the command is submitit's
-        return inner._make_submission_file_text(inner._submitit_command_str, "<uid>")
-    shape = job_shape(cfg, bool(ex.parameters.get("gpus_per_node")))
+    if plan.cluster == "slurm":  # SlurmExecutor renders its script from the parameters
+        return ex._make_submission_file_text(ex._submitit_command_str, "<uid>")
     return (
-        f"local executor (submitit): {shape['tasks_per_node']} process(es) on this host, "
-        f"gpus_per_node={shape['gpus_per_node']}, time limit {cfg.time} min, folder {ex.folder}\n"
+        f"local executor (submitit): {plan.layout.processes_per_node} process(es) on this host, "
+        f"gpus_per_node={ex.parameters.get('gpus_per_node', 0)}, time limit {plan.cfg.time} min, "
+        f"folder {ex.folder}\n"
         f"each process runs: {ex._submitit_command_str}"
     )

@@ -7,7 +7,7 @@ from core.train import BuildFn
 
 def get_build(strategy: str) -> BuildFn:
     # imported lazily: a reference or mp run never imports pipelining or DTensor
-    if strategy == "reference":
+    if strategy in ("reference", "dp"):  # dp: the reference's whole model, one replica per device
         from core.reference import build_reference
 
         return build_reference
@@ -36,4 +36,14 @@ def get_validator(strategy: str):
         from tp import validate
 
         return validate
-    return lambda cfg: None
+    return lambda cfg, layout: None
+
+
+def validate_run(cfg):
+    """Every check that needs no host: the configuration, its layout, then the style's own.
+    Returns the layout (core.layout.Layout); raises core.config.ConfigError."""
+    from core.config import validate
+
+    layout = validate(cfg)
+    get_validator(cfg.strategy)(cfg, layout)
+    return layout

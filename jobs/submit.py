@@ -11,7 +11,6 @@ Submits one job through submitit: to Slurm when ``sinfo`` answers, otherwise to 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
 import os
 import re
@@ -24,9 +23,10 @@ if ROOT not in sys.path:
 # the job imports this code by reference: make it importable in every task, installed or not
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from core.config import ConfigError, RunConfig, existing_parent, validate  # noqa: E402
-from core.data import DataError, download_mnist, load_mnist  # noqa: E402
-from jobs.cli import build_parser, config_from_args  # noqa: E402
+from core.config import ConfigError, RunConfig  # noqa: E402
+from core.data import DataError  # noqa: E402
+from jobs.cli import parse  # noqa: E402
+from jobs.plan import prepare  # noqa: E402
 
 
 class JobFailed(RuntimeError):
@@ -36,42 +36,6 @@ class JobFailed(RuntimeError):
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
-
-
-def prepare(cfg: RunConfig) -> tuple[str, str, bool]:
-    """Validate, pick the cluster and device, fetch data. Returns (cluster, run folder, on_cuda)."""
-    import torch
-
-    from jobs.executor import resolve_cluster
-    from jobs.strategies import get_validator
-
-    cluster = resolve_cluster(cfg) if cfg.cluster in ("auto", "slurm", "local") else cfg.cluster
-    cfg.extra["cluster"] = cluster
-    cuda_count = torch.cuda.device_count()
-    validate(cfg, cuda_count)
-    get_validator(cfg.strategy)(cfg)
-    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and (cluster == "slurm" or cuda_count > 0))
-    cfg.extra["on_cuda"] = on_cuda
-    if cluster == "local":
-        cfg.device = "cuda" if on_cuda else "cpu"
-    # under Slurm with --device auto the GPUs are requested and the node decides: cuda where it
-    # has CUDA, else CPU with gloo (a login node often has no GPU while the compute nodes do)
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    folder = os.path.abspath(cfg.out or os.path.join("runs", f"{cfg.strategy}-{stamp}"))
-    if os.path.exists(os.path.join(folder, "result.json")):
-        raise ConfigError(f"--out {folder} already holds a result: choose another folder (nothing is overwritten)")
-    if os.path.isfile(folder):
-        raise ConfigError(f"--out {folder} is a file: give a folder")
-
-    if cfg.resolved_dataset == "mnist":
-        # fetched here, on the submitting host: a compute node never downloads
-        why = download_mnist(cfg.data_dir) if os.access(existing_parent(cfg.data_dir), os.W_OK) else "read-only"
-        if why:
-            print(f"note: MNIST could not be downloaded into {cfg.data_dir} ({why})", flush=True)
-        cfg.extra["data_source"] = load_mnist(cfg.data_dir).description
-        print(f"data: {cfg.extra['data_source']}", flush=True)
-    return cluster, folder, on_cuda
 
 
 def shutil_rmtree_quiet(folder: str) -> None:
@@ -209,17 +173,19 @@ def first_failure(job) -> str:
 def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet: bool = False) -> tuple[int, str]:
     """Validate, submit one job, wait for it and print its summary. Returns (exit code, run folder)."""
     try:
-        cluster, folder, on_cuda = prepare(cfg)
+        plan = prepare(cfg, dry_run)
     except (ConfigError, DataError) as e:
         return fail(str(e)), ""
 
-    from core.metrics import format_summary, read_result
+    from core.metrics import format_summary, read_result, write_json_atomic
     from jobs.executor import describe, free_port, make_executor
     from jobs.task import TrainTask
 
-    shown = {k: v for k, v in cfg.to_dict().items() if v not in (None, {}, False, []) and k != "extra"}
+    folder, cluster, layout = plan.run_dir, plan.cluster, plan.layout
+    shown = {k: v for k, v in cfg.to_dict().items() if v not in (None, False, [])}
     if not quiet:
         print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        print(layout.describe(), flush=True)
     log_dir = os.path.join(folder, "submitit")
     if dry_run:  # submitit's executors create their folder: render the plan in a scratch one
         import shutil
@@ -227,31 +193,27 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
 
         scratch = tempfile.mkdtemp(prefix="mps-dry-run-")
         try:
-            plan = describe(make_executor(cfg, scratch, cluster, on_cuda, folder), cluster, cfg).replace(
-                scratch, log_dir
-            )
+            text = describe(make_executor(plan, scratch, preview=True), plan).replace(scratch, log_dir)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         print(f"dry run: would submit to {cluster}; run folder {folder}")
-        print(plan)
+        print(text)
         return 0, folder
     import submitit
 
-    executor = make_executor(cfg, log_dir, cluster, on_cuda)
+    executor = make_executor(plan, log_dir)
     os.makedirs(folder, exist_ok=True)
-    from core.metrics import write_json_atomic
-
     write_json_atomic(os.path.join(folder, "config.json"), cfg.to_dict())  # what --resume restarts
     port = free_port() if cluster == "local" else None
     try:
         # submitit echoes sbatch's stderr on failure; we say it once, below, in one line
         with contextlib.redirect_stderr(io.StringIO()):
-            job = executor.submit(TrainTask(cfg.to_dict(), folder, port))
+            job = executor.submit(TrainTask(plan, port))
     except submitit.core.utils.FailedJobError as e:  # sbatch refused: say why in its own words
         reason = next((ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()), str(e).strip())
         shutil_rmtree_quiet(folder)
         return fail(f"sbatch refused the job: {reason.split('error:')[-1].strip()}"), ""
-    print(f"submitted job {job.job_id} to {cluster} ({cfg.world_size} task(s)); run folder {folder}", flush=True)
+    print(f"submitted job {job.job_id} to {cluster} ({layout.processes} task(s)); run folder {folder}", flush=True)
     if no_wait:
         print(f"not waiting: results will be in {folder}/result.json")
         return 0, folder
@@ -273,8 +235,14 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
     return 0, folder
 
 
-def resume_config(run_dir: str) -> RunConfig:
-    """The configuration a stopped run was started with; it continues from its checkpoint."""
+LAYOUT_OPTIONS = ("strategy", "gpus", "nodes", "dp", "dp_mode", "tp", "schedule", "split")
+
+
+def resume_config(run_dir: str, given: set[str] | None = None, cfg: RunConfig | None = None) -> RunConfig:
+    """The configuration a stopped run was started with; it continues from its checkpoint.
+
+    Checkpoints hold each rank's own shard, so a run resumes only under the layout it was saved
+    with: a layout flag that asks for another one is refused (not silently dropped)."""
     import json
 
     path = os.path.join(run_dir, "config.json")
@@ -286,8 +254,16 @@ def resume_config(run_dir: str) -> RunConfig:
         raise ConfigError(f"--resume {run_dir}: no checkpoint there (a run saves one when it is stopped by SIGUSR2)")
     with open(path) as f:
         d = json.load(f)
-    d.update(out=os.path.abspath(run_dir), extra={}, dataset=d.get("dataset"))
-    return RunConfig.from_dict(d)
+    d.update(out=os.path.abspath(run_dir), dataset=d.get("dataset"))
+    saved = RunConfig.from_dict(d)
+    for name in sorted((given or set()) & set(LAYOUT_OPTIONS)):
+        if getattr(cfg, name) != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"--resume {run_dir}: {flag} {getattr(cfg, name)} asks for another layout than the saved run's "
+                f"({getattr(saved, name)}); its checkpoint resumes only under the layout it was saved with"
+            )
+    return saved
 
 
 def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
@@ -301,20 +277,20 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     if not re.fullmatch(r"[A-Za-z_][\w ]*", marker):
         return fail(f"--pytest takes a marker expression such as gpu (got {marker!r})")
     # shape the job like mp: one task that sees all the GPUs the tests may use
-    cfg = dataclasses.replace(cfg, strategy="mp", model="delay", flavor="tiny", dataset=None, split=None)
+    cfg = dataclasses.replace(cfg, strategy="mp", model="delay", flavor="tiny", dataset=None, split=None, dp=None)
     try:
-        cluster, folder, on_cuda = prepare(cfg)
+        plan = prepare(cfg, dry_run)
     except (ConfigError, DataError) as e:
         return fail(str(e))
-    executor = make_executor(cfg, os.path.join(folder, "submitit"), cluster, on_cuda)
+    executor = make_executor(plan, os.path.join(plan.run_dir, "submitit"), preview=dry_run)
     if dry_run:
-        print(describe(executor, cluster, cfg))
+        print(describe(executor, plan))
         return 0
     job = executor.submit(PytestTask(marker, ROOT))
-    print(f"submitted 'pytest -m {marker}' as job {job.job_id} to {cluster}; logs in {folder}", flush=True)
+    print(f"submitted 'pytest -m {marker}' as job {job.job_id} to {plan.cluster}; logs in {plan.run_dir}", flush=True)
     try:
-        follow(job, slurm=cluster == "slurm", echo=False)
-        code, output = slurm_results(job)[0] if cluster == "slurm" else job.result()
+        follow(job, slurm=plan.cluster == "slurm", echo=False)
+        code, output = slurm_results(job)[0] if plan.cluster == "slurm" else job.result()
     except Exception:
         return fail(f"job {job.job_id} failed: {first_failure(job)}", 1)
     print(output, flush=True)
@@ -322,20 +298,19 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    if args.compare:
+    cfg, actions, given = parse(argv)
+    if actions.compare:
         from jobs.compare import compare
 
         return compare(cfg, run_one)
-    if args.pytest:
-        return run_pytest_job(cfg, args.pytest, args.dry_run)
-    if args.resume:
+    if actions.pytest:
+        return run_pytest_job(cfg, actions.pytest, actions.dry_run)
+    if actions.resume:
         try:
-            cfg = resume_config(args.resume)
+            cfg = resume_config(actions.resume, given, cfg)
         except ConfigError as e:
             return fail(str(e))
-    return run_one(cfg, args.dry_run, args.no_wait)[0]
+    return run_one(cfg, actions.dry_run, actions.no_wait)[0]
 
 
 if __name__ == "__main__":

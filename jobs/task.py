@@ -6,15 +6,25 @@ import os
 import subprocess
 import sys
 
-from core.config import RunConfig
+from jobs.plan import LaunchPlan
+
+
+def restrict_visible_gpus(local_rank: int, per_task: int) -> None:
+    """Each task sees only its own GPUs (one for dp/pp/tp, a replica's stages for mp), so every
+    process counts its devices from cuda:0. Sliced from what the node made visible (Slurm or
+    the local executor set CUDA_VISIBLE_DEVICES for the whole job)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range((local_rank + 1) * per_task)]
+    mine = ids[local_rank * per_task : (local_rank + 1) * per_task]
+    if mine:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
 
 
 class TrainTask:
     """A picklable callable submitit runs once per task (one task per process of the job)."""
 
-    def __init__(self, cfg: dict, out_dir: str, master_port: int | None = None) -> None:
-        self.cfg = cfg
-        self.out_dir = out_dir
+    def __init__(self, plan: LaunchPlan, master_port: int | None = None) -> None:
+        self.plan = plan
         self.master_port = master_port  # local runs: a free port picked on the host; Slurm: from the job id
 
     def __call__(self) -> dict | None:
@@ -22,27 +32,26 @@ class TrainTask:
         from core.checkpoint import StopRequest
         from jobs.strategies import get_build
 
-        cfg = RunConfig.from_dict(self.cfg)
+        plan, layout = self.plan, self.plan.layout
         slurm = "SLURM_JOB_ID" in os.environ
         if slurm:
             _forget_previous_result()
         stop = StopRequest()
         stop.install()  # replaces submitit's USR2 handler: we checkpoint at a step boundary ourselves
-        if cfg.strategy in ("pp", "tp") and "RANK" not in os.environ:  # torchrun already set them
+        if layout.distributed and "RANK" not in os.environ:  # torchrun already set them
             import submitit
 
             if self.master_port is not None:
                 os.environ["MASTER_PORT"] = str(self.master_port)
-            # one GPU per task for pp/tp (each task then sees its GPU as cuda:0)
-            one_gpu_each = cfg.extra.get("on_cuda", False)
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=one_gpu_each, overwrite=True)
-        tp = cfg.gpus if cfg.strategy == "tp" else (cfg.tp if cfg.strategy == "pp" else 1)
-        state = distributed.init_distributed(cfg.device, tp=tp, timeout_s=cfg.dist_timeout_s)
+            env = submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+            if plan.requests_gpus:
+                restrict_visible_gpus(env.local_rank, layout.devices_per_process)
+        state = distributed.init_distributed(layout, plan.device, timeout_s=plan.cfg.dist_timeout_s)
         try:
-            result = train.run(cfg, state, get_build(cfg.strategy), out_dir=self.out_dir, stop=stop)
+            result = train.run(plan.cfg, state, get_build(plan.cfg.strategy), out_dir=plan.run_dir, stop=stop)
         except train.Preempted as e:
             if not slurm:
-                raise RuntimeError(f"stopped: {e}; continue with --resume {self.out_dir}") from None
+                raise RuntimeError(f"stopped: {e}; continue with --resume {plan.run_dir}") from None
             if state.is_main:  # one writer asks for the requeue; the job restarts and resumes
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
             sys.stdout.flush()

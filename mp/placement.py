@@ -14,17 +14,18 @@ import torch
 from torch import nn
 
 from core.config import RunConfig
+from core.data_parallel import replicate_over_dp
 from core.distributed import DistState
 from core.models import BlockModel, stage_blocks
 from core.strategy import Built, autocast
 from core.timeline import RecordedTimeline, TimelineRecorder
 
 
-def stage_devices(n: int, kind: str) -> list[torch.device]:
-    """cuda:0..n-1 (wrapping round when asked for more stages than GPUs, e.g. all on cuda:0 to
-    measure placement overhead), or n CPU 'devices' (all the host CPU) on a host without GPU."""
-    if kind == "cuda":
-        return [torch.device("cuda", i % torch.cuda.device_count()) for i in range(n)]
+def stage_devices(n: int, first: torch.device) -> list[torch.device]:
+    """n consecutive GPUs from ``first`` (wrapping round when asked for more stages than GPUs, e.g.
+    all on cuda:0 to measure placement overhead), or n CPU 'devices' (all the host CPU) without GPU."""
+    if first.type == "cuda":
+        return [torch.device("cuda", (first.index + i) % torch.cuda.device_count()) for i in range(n)]
     return [torch.device("cpu")] * n
 
 
@@ -78,20 +79,23 @@ def time_stages(model: BlockModel, stages: list[list[str]], recorder: TimelineRe
 
 
 def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
-    devices = stage_devices(cfg.gpus, state.device.type)
+    n = state.layout.stages
+    devices = stage_devices(n, state.device)
     stages = place_layers(model, devices, cfg.split)
+    run = replicate_over_dp(model, state, cfg.dtype == "bf16")  # DDP over a replica spanning several devices
     first, last = devices[0], devices[-1]
     unique = list(dict.fromkeys(devices))
     recorder = TimelineRecorder(0, first, sync_devices=unique if first.type == "cuda" else None)
     open_actions, hooks = time_stages(model, stages, recorder)
-    timeline = RecordedTimeline(recorder, f"mp: {cfg.gpus} stages, {cfg.model}", (cfg.gpus - 1) / cfg.gpus)
+    timeline = RecordedTimeline(recorder, f"mp: {n} stages, {cfg.model}", (n - 1) / n)
     calls = {"n": 0}
-    print("mp stages: " + " | ".join(f"{d}: {','.join(n)}" for n, d in zip(stages, devices)), flush=True)
+    replica = f" (replica {state.dp_rank})" if state.layout.dp > 1 else ""
+    print(f"mp stages{replica}: " + " | ".join(f"{d}: {','.join(b)}" for b, d in zip(stages, devices)), flush=True)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         recorder.begin_step(calls["n"])
         with autocast(cfg, first):
-            out = model(x)
+            out = run(x)
         loss = model.loss(out, y.to(out.device))
         loss.backward()
         recorder.record(0, "B", 0, open_actions.pop(("B", 0), None), row=0)

@@ -19,8 +19,10 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from core.config import ConfigError, RunConfig
+from core.data_parallel import replicate_over_dp
 from core.distributed import DistState
-from core.models import BlockModel, count_blocks, stage_blocks
+from core.layout import Layout
+from core.models import BlockModel, stage_blocks
 from core.strategy import Built, autocast
 from core.timeline import RecordedTimeline, TimelineRecorder
 from pp.schedules import SCHEDULES, min_microbatches, stage_indices, theory_bubble
@@ -39,6 +41,28 @@ def _no_view_output(module, args, output):
     return output
 
 
+def _count_sends(sub, names: list[str], idx: int, n_stages: int, sent: dict, calls_seen) -> None:
+    """Count, during the first step, what this stage hands to its neighbours: its output forward
+    (unless it is the last stage) and the gradient of its input backward (unless it is the first),
+    which has the input's size."""
+
+    def nbytes(t) -> int:
+        # shape inference runs the stage once on meta tensors: those move nothing
+        real = isinstance(t, torch.Tensor) and t.device.type != "meta"
+        return t.numel() * t.element_size() if real else 0
+
+    def on_input(module, args):
+        if calls_seen() == 0 and idx > 0:
+            sent["backward"] += sum(nbytes(a) for a in args)
+
+    def on_output(module, args, output):
+        if calls_seen() == 0 and idx < n_stages - 1:
+            sent["forward"] += nbytes(output)
+
+    sub.blocks[names[0]].register_forward_pre_hook(on_input)
+    sub.blocks[names[-1]].register_forward_hook(on_output)
+
+
 def default_microbatches(batch: int, schedule: str, p: int) -> int:
     """The smallest divisor of the batch that is at least 2p (a small bubble), else the largest allowed."""
     lo = min_microbatches(schedule, p)
@@ -48,36 +72,29 @@ def default_microbatches(batch: int, schedule: str, p: int) -> int:
     return next((d for d in divisors if d >= 2 * p), divisors[-1])
 
 
-def resolved_microbatches(cfg: RunConfig) -> int:
-    return cfg.microbatches or default_microbatches(cfg.resolved_batch_size, cfg.schedule, cfg.pp_degree)
+def resolved_microbatches(cfg: RunConfig, layout: Layout) -> int:
+    """Micro-batches each replica cuts its shard of the global batch into."""
+    b = layout.local_batch(cfg.resolved_batch_size)
+    return cfg.microbatches or default_microbatches(b, cfg.schedule, layout.pp)
 
 
-def validate(cfg: RunConfig) -> None:
-    """Everything the pipeline needs, checked on the submitting host (ConfigError: exit 2)."""
+def validate(cfg: RunConfig, layout: Layout) -> None:
+    """Everything the pipeline needs, checked on the submitting host (ConfigError: exit 2).
+    Stage counts against blocks and --split are checked with the layout (core.config.validate)."""
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    p, info = cfg.pp_degree, SCHEDULES[cfg.schedule]
-    n_stages = p * info.stages_per_rank
-    n_blocks = count_blocks(cfg.model, cfg.flavor)
-    if n_stages > n_blocks:
-        raise ConfigError(
-            f"--schedule {cfg.schedule} on {p} pipeline ranks needs {n_stages} stages "
-            f"({info.stages_per_rank} per rank), but {cfg.model} has {n_blocks} blocks: "
-            f"use fewer --gpus or gpipe/1f1b"
-        )
-    if cfg.split is not None and len(cfg.split) != n_stages:
-        raise ConfigError(
-            f"--split gives {len(cfg.split)} stages; --schedule {cfg.schedule} on {p} ranks has {n_stages}"
-        )
-    b = cfg.resolved_batch_size
+    p = layout.pp
+    b = layout.local_batch(cfg.resolved_batch_size)
+    per = f" (each of --dp {layout.dp} replicas takes {b} of --batch-size {cfg.resolved_batch_size})"
+    per = per if layout.dp > 1 else ""
     if cfg.microbatches is not None and cfg.microbatches < 1:
         raise ConfigError(f"--microbatches must be at least 1 (got {cfg.microbatches})")
-    m = resolved_microbatches(cfg)
+    m = resolved_microbatches(cfg, layout)
     if b % m:
         divs = [d for d in range(1, b + 1) if b % d == 0 and d >= min_microbatches(cfg.schedule, p)]
         raise ConfigError(
-            f"--batch-size {b} does not split into {m} equal micro-batches: pick --microbatches "
-            f"from {', '.join(map(str, divs[:8]))} or change --batch-size"
+            f"--batch-size {cfg.resolved_batch_size} does not split into {m} equal micro-batches{per}: pick "
+            f"--microbatches from {', '.join(map(str, divs[:8])) or 'none'} or change --batch-size"
         )
     need = min_microbatches(cfg.schedule, p)
     if m < need:
@@ -85,32 +102,37 @@ def validate(cfg: RunConfig) -> None:
             f"--schedule {cfg.schedule} needs at least {need} micro-batches on {p} pipeline ranks "
             f"(got {m}): raise --microbatches"
         )
-    if cfg.tp > 1:
+    if layout.tp > 1:
         from tp import validate as tp_validate
 
-        tp_validate(cfg)
+        tp_validate(cfg, layout)
 
 
 def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
-    p, info = state.pp, SCHEDULES[cfg.schedule]
-    n_stages = p * info.stages_per_rank
-    m = resolved_microbatches(cfg)
+    layout = state.layout
+    p, n_stages = layout.pp, layout.stages
+    m = resolved_microbatches(cfg, layout)
     names = stage_blocks(model, n_stages, cfg.split)
     local = stage_indices(cfg.schedule, state.pp_rank, p)
     device = state.device
-    pp_group = state.mesh["pp"].get_group() if state.mesh is not None else None
+    pp_group = state.submesh("pp").get_group() if state.mesh is not None else None
     recorder = TimelineRecorder(state.rank, device)
 
+    calls = {"n": 0}
     modules, stages = [], []
+    sent = {"forward": 0, "backward": 0}  # payload bytes this rank sends to its pipeline peers
     for idx in local:
         sub = model.keep_only(names[idx])
-        if state.tp > 1:
+        if layout.tp > 1:
             from tp import apply_tp
 
-            apply_tp(sub, state.mesh["tp"], cfg)
+            apply_tp(sub, state.submesh("tp"), cfg)
         sub.to(device)
         sub.blocks[names[idx][-1]].register_forward_hook(_no_view_output)
-        stage = PipelineStage(sub, idx, n_stages, device, group=pp_group)
+        _count_sends(sub, names[idx], idx, n_stages, sent, calls_seen=lambda: calls["n"])
+        # FSDP2 shards the stage in place; a DDP wrapper is what the stage runs (torch syncs either
+        # once per step, after the last micro-batch's backward)
+        stage = PipelineStage(replicate_over_dp(sub, state, cfg.dtype == "bf16"), idx, n_stages, device, group=pp_group)
         wrap_stage(recorder, stage)
         modules.append(sub)
         stages.append(stage)
@@ -118,13 +140,12 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
 
     loss_module = modules[-1]
     loss_fn = lambda out, target: loss_module.loss(out, target) / m
-    cls = get_schedule_class(info.torch_name)
+    cls = get_schedule_class(SCHEDULES[cfg.schedule].torch_name)
     if issubclass(cls, PipelineScheduleSingle):
         schedule = cls(stages[0], n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
     else:
         schedule = cls(stages, n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
     has_first, has_last = 0 in local, n_stages - 1 in local
-    calls = {"n": 0}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         recorder.begin_step(calls["n"])
@@ -136,7 +157,7 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         recorder.end_step()
         calls["n"] += 1
         loss = torch.stack([t.detach().float() for t in losses]).sum() if has_last else torch.zeros((), device=device)
-        if pp_group is not None and state.pp > 1:
+        if pp_group is not None and p > 1:
             # every rank reports the real loss: only the last stage has it, the others add zero
             dist.all_reduce(loss, group=pp_group)
         return loss
@@ -164,10 +185,15 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
             "schedule": cfg.schedule,
             "microbatches": m,
             "pipeline_ranks": p,
-            "tp": state.tp,
-            "stages_per_rank": info.stages_per_rank,
+            "tp": layout.tp,
+            "stages_per_rank": layout.stages_per_rank,
             "stages": names,
             "stage_of_rank": {r: stage_indices(cfg.schedule, r, p) for r in range(p)},
+            "p2p_bytes_per_step": {
+                "rank": state.rank,
+                "forward_send_bytes": sent["forward"],
+                "backward_send_bytes": sent["backward"],
+            },
             **timeline.figures(),
         }
 

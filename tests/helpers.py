@@ -12,13 +12,30 @@ def cfg(**kw) -> RunConfig:
     return RunConfig(**base)
 
 
+def one_process(config: RunConfig, device=None):
+    """The DistState of a single-process run of ``config`` (reference, mp without dp)."""
+    import torch
+
+    from core.distributed import DistState
+    from core.layout import Layout
+
+    return DistState(Layout.from_config(config), device=device or torch.device("cpu"))
+
+
+def join(config: RunConfig, device: str = "cpu", timeout_s: float = 60.0):
+    """Inside a harness rank: the process group and mesh of ``config``'s layout."""
+    from core import distributed
+    from core.layout import Layout
+
+    return distributed.init_distributed(Layout.from_config(config), device, timeout_s=timeout_s)
+
+
 def train_in_rank(config: RunConfig, out_dir: str | None = None, dataset: Dataset | None = None):
     """What a launched rank does (jobs.task.TrainTask without submitit): returns the result dict."""
     from core import distributed, train
     from jobs.strategies import get_build
 
-    tp = config.gpus if config.strategy == "tp" else (config.tp if config.strategy == "pp" else 1)
-    state = distributed.init_distributed("cpu", tp=tp, timeout_s=config.dist_timeout_s)
+    state = join(config, timeout_s=config.dist_timeout_s)
     try:
         return train.run(config, state, get_build(config.strategy), out_dir=out_dir, dataset=dataset)
     finally:

@@ -9,11 +9,10 @@ import os
 
 import pytest
 
-from core.distributed import DistState
 from core.train import run
 from jobs.strategies import get_build
 
-from helpers import cfg, small_mnist
+from helpers import cfg, one_process, small_mnist
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "losses.json")
 CASES = {
@@ -25,7 +24,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_first_losses_match_the_golden_file(case):
     data = small_mnist(512, 32) if CASES[case]["model"] == "mnist-cnn" else None
-    r = run(cfg(steps=6, **CASES[case]), DistState(), get_build("reference"), dataset=data)
+    c = cfg(steps=6, **CASES[case])
+    r = run(c, one_process(c), get_build("reference"), dataset=data)
     golden = json.load(open(GOLDEN)) if os.path.exists(GOLDEN) else {}
     if os.environ.get("UPDATE_GOLDEN"):
         golden[case] = r["losses"]

@@ -17,7 +17,7 @@ from jobs.strategies import get_build
 from pp.schedules import SCHEDULES
 
 from harness import run_ranks
-from helpers import cfg
+from helpers import cfg, join, one_process
 
 
 def mnist_shaped(n: int = 1024, seed: int = 0) -> Dataset:
@@ -27,8 +27,8 @@ def mnist_shaped(n: int = 1024, seed: int = 0) -> Dataset:
     return Dataset(Split(x[: n - 256], y[: n - 256]), Split(x[n - 256 :], y[n - 256 :]), "mnist-shaped noise")
 
 
-def cuda_state() -> DistState:
-    return DistState(device=torch.device("cuda", 0))
+def cuda_state(c) -> DistState:
+    return one_process(c, torch.device("cuda", 0))
 
 
 @pytest.mark.gpu(gpus=1)
@@ -37,8 +37,9 @@ def test_reference_on_cuda_matches_cpu(model):
     data = mnist_shaped() if model == "mnist-cnn" else None
     # check=True turns dropout off: CPU and CUDA draw different masks from the same seed
     kw = dict(strategy="reference", model=model, steps=3, check=True, batch_size=32 if model == "mnist-cnn" else 8)
-    gpu = run(cfg(device="cuda", **kw), cuda_state(), get_build("reference"), dataset=data)
-    cpu = run(cfg(device="cpu", **kw), DistState(), get_build("reference"), dataset=data)
+    on_gpu, on_cpu = cfg(device="cuda", **kw), cfg(device="cpu", **kw)
+    gpu = run(on_gpu, cuda_state(on_gpu), get_build("reference"), dataset=data)
+    cpu = run(on_cpu, one_process(on_cpu), get_build("reference"), dataset=data)
     for a, b in zip(gpu["losses"], cpu["losses"]):
         # different kernels (cuDNN vs oneDNN), same fp32 math: agreement to ~1e-6 relative
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (gpu["losses"], cpu["losses"])
@@ -59,7 +60,7 @@ def test_mp_with_all_stages_on_available_gpus_matches_reference(model, dtype):
         check=True,
         batch_size=32 if model == "mnist-cnn" else 8,
     )
-    r = run(c, cuda_state(), get_build("mp"), dataset=mnist_shaped() if model == "mnist-cnn" else None)
+    r = run(c, cuda_state(c), get_build("mp"), dataset=mnist_shaped() if model == "mnist-cnn" else None)
     assert r["check"]["passed"], r["check"]
     if n == 1:  # all three stages on cuda:0: the very same kernels, so exactly equal
         assert r["check"]["max_grad_rel_diff"] == 0.0 and r["check"]["max_loss_abs_diff"] == 0.0
@@ -76,7 +77,6 @@ class GpuMatrix:
 
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         out = {}
-        state = distributed.init_distributed("cuda", timeout_s=120)
         try:
             for schedule in SCHEDULES:
                 c = cfg(
@@ -91,13 +91,12 @@ class GpuMatrix:
                     batch_size=4 * self.world,
                 )
                 try:
-                    from pp import validate
+                    from jobs.strategies import validate_run
 
-                    validate(c)
+                    validate_run(c)
                 except Exception:
                     continue
-                out[("pp", schedule)] = run(c, state, get_build("pp"))["check"]
-            state = distributed.init_distributed("cuda", tp=self.world, timeout_s=120)
+                out[("pp", schedule)] = run(c, join(c, "cuda", 120), get_build("pp"))["check"]
             for sp in (False, True):
                 c = cfg(
                     strategy="tp",
@@ -109,11 +108,21 @@ class GpuMatrix:
                     dtype=self.dtype,
                     sequence_parallel=sp,
                 )
-                out[("tp", sp)] = run(c, state, get_build("tp"))["check"]
+                out[("tp", sp)] = run(c, join(c, "cuda", 120), get_build("tp"))["check"]
+            # data parallel: pure dp over every GPU (both modes), and dp x the other styles
+            gpu = dict(model="gpt", steps=2, check=True, device="cuda", dtype=self.dtype, batch_size=4 * self.world)
+            for mode in ("fsdp", "ddp"):
+                c = cfg(strategy="dp", gpus=self.world, dp_mode=mode, **gpu)
+                out[("dp", mode)] = run(c, join(c, "cuda", 120), get_build("dp"))["check"]
             if self.world == 4:
-                state = distributed.init_distributed("cuda", tp=2, timeout_s=120)
-                c = cfg(strategy="pp", gpus=4, tp=2, model="gpt", steps=2, check=True, device="cuda", dtype=self.dtype)
-                out[("pp x tp", "1f1b")] = run(c, state, get_build("pp"))["check"]
+                c = cfg(strategy="pp", gpus=4, tp=2, **gpu)
+                out[("pp x tp", "1f1b")] = run(c, join(c, "cuda", 120), get_build("pp"))["check"]
+                for name, kw in {
+                    "dp x pp": dict(strategy="pp", dp=2),
+                    "dp x tp": dict(strategy="tp", dp=2, tp=2),
+                }.items():
+                    c = cfg(gpus=4, **kw, **gpu)
+                    out[(name, "")] = run(c, join(c, "cuda", 120), get_build(c.strategy))["check"]
         finally:
             distributed.shutdown()
         return out

@@ -5,18 +5,17 @@ from __future__ import annotations
 import torch
 
 from core.data import Dataset, Split
-from core.distributed import DistState
 from core.models import build_model
 from core.train import run
 from jobs.strategies import get_build
 from mp import place_layers
 
-from helpers import cfg, small_mnist
+from helpers import cfg, one_process, small_mnist
 
 
 def _train(strategy: str, gpus: int, data: Dataset, **kw):
     c = cfg(strategy=strategy, gpus=gpus, steps=4, batch_size=32, **kw)
-    return run(c, DistState(), get_build(strategy), dataset=data)
+    return run(c, one_process(c), get_build(strategy), dataset=data)
 
 
 def test_mp_equals_reference_bit_for_bit_on_cpu():
@@ -57,7 +56,7 @@ def test_mp_learns_real_mnist_digits(shared_mnist):
     digits = _read_idx_split(shared_mnist, "t10k")
     data = Dataset(Split(digits.x[:8000], digits.y[:8000]), Split(digits.x[8000:], digits.y[8000:]), "t10k split")
     c = cfg(strategy="mp", gpus=3, epochs=2, batch_size=64, lr=0.05)
-    result = run(c, DistState(), get_build("mp"), dataset=data)
+    result = run(c, one_process(c), get_build("mp"), dataset=data)
     assert result["eval_samples"] == 2000
     assert result["eval_accuracy"] > 0.7, result["eval_accuracy"]
     assert result["losses"][-1] < result["losses"][0]

@@ -10,16 +10,16 @@ from core.config import ConfigError
 from pp.schedules import SCHEDULES
 
 from harness import run_ranks
-from helpers import cfg, run_submit, small_mnist
+from helpers import cfg, join, one_process, run_submit, small_mnist
 
 MODELS = {"mnist-cnn": dict(batch_size=16), "gpt": dict(flavor="tiny", batch_size=8)}
 
 
 def valid(config) -> bool:
-    from pp import validate
+    from jobs.strategies import validate_run
 
     try:
-        validate(config)
+        validate_run(config)
         return True
     except ConfigError:
         return False
@@ -36,7 +36,6 @@ class ParityMatrix:
         from core.train import run
         from jobs.strategies import get_build
 
-        state = distributed.init_distributed("cpu", timeout_s=60)
         mnist = small_mnist(256, 64)
         out = {}
         try:
@@ -46,7 +45,7 @@ class ParityMatrix:
                     if not valid(c):
                         out[(model, schedule)] = "invalid"
                         continue
-                    r = run(c, state, get_build("pp"), dataset=mnist if model == "mnist-cnn" else None)
+                    r = run(c, join(c), get_build("pp"), dataset=mnist if model == "mnist-cnn" else None)
                     out[(model, schedule)] = r["check"] | {"losses": r["losses"]}
         finally:
             distributed.shutdown()
@@ -78,19 +77,21 @@ class GradAccum:
         from core.train import run
         from jobs.strategies import get_build
 
-        state = distributed.init_distributed("cpu", timeout_s=60)
         data = small_mnist(256, 32)
+        c = cfg(strategy="pp", gpus=2, steps=3, batch_size=16, grad_accum=2, schedule="gpipe", check=True)
         try:
             # check=True on both: it turns dropout off (masks depend on the batch cut) and checks pp too
+            state = join(c)
             pp = run(
-                cfg(strategy="pp", gpus=2, steps=3, batch_size=16, grad_accum=2, schedule="gpipe", check=True),
+                c,
                 state,
                 get_build("pp"),
                 dataset=data,
             )
+            one = cfg(strategy="reference", steps=3, batch_size=32, check=True)
             ref = run(
-                cfg(strategy="reference", steps=3, batch_size=32, check=True),
-                distributed.DistState(device=state.device),
+                one,
+                one_process(one),
                 get_build("reference"),
                 dataset=data,
             )

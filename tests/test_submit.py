@@ -16,7 +16,7 @@ BAD = {
     "gpus zero": (["--gpus", "0"], "--gpus must be at least 1"),
     "gpus negative": (["--gpus", "-2"], "--gpus must be at least 1"),
     "more gpus than blocks": (["--gpus", "7"], "has only 6 blocks"),
-    "unknown strategy": (["--strategy", "dp"], "unknown --strategy"),
+    "unknown strategy": (["--strategy", "fsdp"], "unknown --strategy"),
     "unknown model": (["--model", "resnet"], "unknown --model"),
     "unknown dataset": (["--dataset", "cifar"], "unknown --dataset"),
     "unknown flavor": (["--model", "gpt", "--flavor", "huge"], "unknown --flavor"),
@@ -24,10 +24,11 @@ BAD = {
     "split with zero": (["--gpus", "3", "--split", "3,0,3"], "holds a zero"),
     "split not numbers": (["--gpus", "3", "--split", "a,b"], "--split takes blocks per stage"),
     "batch size zero": (["--batch-size", "0"], "--batch-size must be at least 1"),
-    "epochs with steps": (["--epochs", "1", "--steps", "3"], "not allowed with"),
+    "epochs with steps": (["--epochs", "1", "--steps", "3"], "give --epochs or --steps, not both"),
     "check tol not a number": (["--check", "--check-tol", "tight"], "--check-tol must be a number"),
     "reference on several gpus": (["--strategy", "reference", "--gpus", "2"], "reference runs on one device"),
-    "nodes on local": (["--cluster", "local", "--nodes", "2", "--gpus", "2"], "needs Slurm"),
+    "nodes on local": (["--cluster", "local", "--strategy", "pp", "--nodes", "2", "--gpus", "2"], "needs Slurm"),
+    "nodes more than processes": (["--nodes", "2", "--gpus", "2"], "does not divide the layout's 1 process"),
     "pp unknown schedule": (["--strategy", "pp", "--gpus", "2", "--schedule", "fast"], "unknown --schedule"),
     "pp batch not divisible": (["--strategy", "pp", "--gpus", "2", "--microbatches", "5"], "does not split into 5"),
     "pp too few microbatches": (
@@ -36,12 +37,50 @@ BAD = {
     ),
     "pp interleaved too many stages": (
         ["--strategy", "pp", "--gpus", "4", "--model", "gpt", "--schedule", "interleaved-1f1b"],
-        "needs 8 stages",
+        "gives 8 stages per replica",
     ),
     "pp split wrong length": (
         ["--strategy", "pp", "--gpus", "2", "--split", "3,3", "--schedule", "interleaved-1f1b"],
-        "--split gives 2 stages",
+        "--split 3,3 gives 2 stages, but the layout has 4",
     ),
+    # data parallel (the layout's checks)
+    "dp zero": (["--strategy", "dp", "--gpus", "2", "--dp", "0"], "--dp must be at least 1"),
+    "dp negative": (["--strategy", "pp", "--gpus", "2", "--dp", "-2"], "--dp must be at least 1"),
+    "dp not dividing gpus": (["--strategy", "pp", "--gpus", "6", "--dp", "4"], "must be a multiple of --dp 4"),
+    "dp x tp not dividing gpus": (
+        ["--strategy", "pp", "--gpus", "4", "--dp", "2", "--tp", "4", "--model", "gpt"],
+        "multiple of --dp 2 x --tp 4 = 8",
+    ),
+    "tp not the replica's share": (
+        ["--strategy", "tp", "--gpus", "4", "--dp", "2", "--tp", "4", "--model", "gpt"],
+        "--gpus / --dp = 2 ranks",
+    ),
+    "dp strategy with fewer replicas": (["--strategy", "dp", "--gpus", "4", "--dp", "2"], "must equal --gpus 4"),
+    "batch not divisible by dp": (
+        ["--strategy", "dp", "--gpus", "3", "--batch-size", "16"],
+        "does not split into 3 equal data-parallel shards",
+    ),
+    "replica batch not divisible by micro-batches": (
+        ["--strategy", "pp", "--gpus", "4", "--dp", "2", "--model", "gpt", "--batch-size", "8", "--microbatches", "3"],
+        "each of --dp 2 replicas takes 4",
+    ),
+    "nodes not dividing the processes": (
+        ["--strategy", "dp", "--gpus", "4", "--nodes", "3", "--cluster", "slurm"],
+        "--nodes 3 does not divide the layout's 4",
+    ),
+    "nodes splitting a tensor group": (
+        ["--strategy", "tp", "--gpus", "4", "--dp", "2", "--model", "gpt", "--nodes", "4", "--cluster", "slurm"],
+        "would split tensor groups of 2 across nodes",
+    ),
+    "ddp with tensor parallel": (
+        ["--strategy", "tp", "--gpus", "4", "--dp", "2", "--model", "gpt", "--dp-mode", "ddp"],
+        "--dp-mode ddp cannot hold tensor-parallel",
+    ),
+    "fsdp with mp replicas": (
+        ["--strategy", "mp", "--gpus", "4", "--dp", "2", "--dp-mode", "fsdp"],
+        "use --dp-mode ddp",
+    ),
+    "unknown dp mode": (["--strategy", "dp", "--gpus", "2", "--dp-mode", "zero3"], "unknown --dp-mode"),
 }
 
 
@@ -186,3 +225,18 @@ def test_a_failing_rank_is_reported_in_one_line(tmp_path):
     assert p.returncode == 1
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "ValueError" in err[0] and "training samples" in err[0], p.stderr
+
+
+def test_resume_under_another_layout_is_refused(tmp_path, capsys):
+    """Checkpoints hold each rank's shard: --dp (or any layout flag) that differs is refused, not dropped."""
+    from core.config import RunConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "latest.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps(RunConfig(strategy="pp", gpus=2, model="gpt").to_dict()))
+    assert main(["--resume", str(run), "--strategy", "pp", "--gpus", "4", "--dp", "2", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dp 2 asks for another layout" in err
+    # the same layout given again is fine: nothing to refuse
+    assert main(["--resume", str(run), "--gpus", "2", "--dry-run", "--cluster", "local", "--device", "cpu"]) == 0

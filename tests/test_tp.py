@@ -7,7 +7,7 @@ import pytest
 from core.config import ConfigError
 
 from harness import run_ranks
-from helpers import cfg, small_mnist
+from helpers import cfg, join, small_mnist
 
 
 class TPMatrix:
@@ -23,7 +23,6 @@ class TPMatrix:
 
         out = {}
         try:
-            state = distributed.init_distributed("cpu", tp=self.world, timeout_s=60)
             mnist = small_mnist(128, 32)
             cases = [("gpt", False, False), ("gpt", True, False), ("gpt", True, True), ("mnist-cnn", False, False)]
             for model, sp, lp in cases:
@@ -37,17 +36,16 @@ class TPMatrix:
                     sequence_parallel=sp,
                     loss_parallel=lp,
                 )
-                r = run(c, state, get_build("tp"), dataset=mnist if model == "mnist-cnn" else None)
+                r = run(c, join(c), get_build("tp"), dataset=mnist if model == "mnist-cnn" else None)
                 out[(model, sp, lp)] = {
                     "check": r["check"],
                     "comm": r["communication_first_step"],
                     "losses": r["losses"],
                 }
             if self.world == 4:
-                state = distributed.init_distributed("cpu", tp=2, timeout_s=60)  # a 2 x 2 ("pp", "tp") mesh
                 for schedule in ("gpipe", "1f1b"):
                     c = cfg(strategy="pp", gpus=4, tp=2, model="gpt", schedule=schedule, steps=2, check=True)
-                    r = run(c, state, get_build("pp"))
+                    r = run(c, join(c), get_build("pp"))  # a 2 x 2 ("pp", "tp") mesh
                     out[("pp x tp", schedule)] = {"check": r["check"], "losses": r["losses"]}
         finally:
             distributed.shutdown()
@@ -98,9 +96,9 @@ def test_communication_counts_equal_the_megatron_prediction(world):
     ],
 )
 def test_bad_tensor_parallel_input_is_refused(kw, msg):
-    from tp import validate
+    from jobs.strategies import validate_run
 
     base = dict(strategy="tp")
     base.update(kw)
     with pytest.raises(ConfigError, match=msg):
-        validate(cfg(**base))
+        validate_run(cfg(**base))

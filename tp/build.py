@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from core.config import RunConfig
+from core.data_parallel import replicate_over_dp
 from core.distributed import DistState, full_tensor
 from core.models import BlockModel
 from core.strategy import Built, autocast
@@ -25,7 +26,8 @@ def loss_context(cfg: RunConfig):
 def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     device = state.device
     model.to(device)
-    apply_tp(model, state.mesh["tp"], cfg)
+    apply_tp(model, state.submesh("tp"), cfg)
+    run = replicate_over_dp(model, state, cfg.dtype == "bf16")  # FSDP2 over "dp": 2-D (dp, tp) parameters
     comm: dict = {}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -33,7 +35,7 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
         counter = CommCounter() if not comm else contextlib.nullcontext()
         with counter:
             with autocast(cfg, device):
-                out = model(x)
+                out = run(x)
             with loss_context(cfg):
                 loss = model.loss(out, y)
                 loss.backward()
@@ -44,11 +46,11 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     @torch.no_grad()
     def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
-            return full_tensor(model(x))
+            return full_tensor(run(x))
 
     def extras() -> dict:
         return {
-            "tp": state.tp,
+            "tp": state.layout.tp,
             "sequence_parallel": cfg.sequence_parallel,
             "loss_parallel": cfg.loss_parallel,
             "communication_first_step": comm,

@@ -31,6 +31,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from core.config import ConfigError, RunConfig
+from core.layout import Layout
 from core.models import BlockModel, count_blocks
 from core.models.gpt import GPT_FLAVORS
 
@@ -116,14 +117,10 @@ def apply_tp(model: BlockModel, tp_mesh, cfg: RunConfig) -> BlockModel:
     return model
 
 
-def tp_degree(cfg: RunConfig) -> int:
-    return cfg.gpus if cfg.strategy == "tp" else cfg.tp
-
-
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, layout: Layout) -> None:
     """Every split dimension must divide by the TP degree (uneven splits are refused: attention
     heads cannot be split unevenly, and even shards keep communication predictable)."""
-    t = tp_degree(cfg)
+    t = layout.tp
     if cfg.model == "delay":
         raise ConfigError("--model delay has no matrices to split: use gpt or mnist-cnn with tensor parallel")
     if cfg.model == "mnist-cnn":

@@ -1,0 +1,115 @@
+"""Preparing a run returns ONE value: the launch plan (configuration, layout, cluster, device, folder).
+
+The executor and the task receive the plan; nothing is written back into the configuration and
+nothing travels through a side channel. Everything that depends on the submitting host (does
+Slurm answer, how many GPUs are here, can the data be fetched) is decided here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+from dataclasses import dataclass
+
+from core.config import ConfigError, RunConfig, existing_parent
+from core.layout import Layout
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    cfg: RunConfig
+    layout: Layout
+    cluster: str
+    """slurm or local (auto is resolved)."""
+    device: str
+    """cuda or cpu; under Slurm with --device auto it stays auto: the compute node decides (a login
+    node often has no GPU while the compute nodes do), and GPUs are requested for it."""
+    run_dir: str
+    data_source: str | None = None
+    """Which MNIST the run trains on (None for synthetic data), decided on the submitting host."""
+
+    @property
+    def requests_gpus(self) -> bool:
+        return self.device != "cpu"
+
+
+def resolve_device(cfg: RunConfig, cluster: str, cuda_count: int) -> str:
+    if cfg.device == "cuda" and cluster == "local" and cuda_count == 0:
+        raise ConfigError("--device cuda asked, but this host sees no CUDA GPU: use --device cpu (or auto)")
+    if cfg.device != "auto":
+        return cfg.device
+    if cluster == "slurm":
+        return "auto"
+    return "cuda" if cuda_count > 0 else "cpu"
+
+
+def check_host(plan: LaunchPlan, cuda_count: int) -> None:
+    """What the chosen cluster can hold: one clear line, before anything starts."""
+    cfg, layout = plan.cfg, plan.layout
+    if plan.cluster == "local":
+        if plan.device == "cuda" and layout.gpus_per_node > cuda_count:
+            raise ConfigError(
+                f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus or submit to Slurm"
+            )
+        if cfg.nodes > 1:
+            raise ConfigError(
+                f"--nodes {cfg.nodes} needs Slurm; the local executor runs on this one host: use --nodes 1"
+            )
+        if cfg.container is not None:
+            raise ConfigError(
+                "--container runs tasks under Slurm (apptainer or pyxis): add --cluster slurm, or drop --container"
+            )
+    container = cfg.container
+    if container is not None and not container.startswith("pyxis:") and not os.path.isfile(container):
+        raise ConfigError(
+            f"--container {container} is not a file: give the .sif path (on a shared filesystem) or pyxis:IMAGE"
+        )
+
+
+def run_folder(cfg: RunConfig) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = os.path.abspath(cfg.out or os.path.join("runs", f"{cfg.strategy}-{stamp}"))
+    if os.path.exists(os.path.join(folder, "result.json")):
+        raise ConfigError(f"--out {folder} already holds a result: choose another folder (nothing is overwritten)")
+    if os.path.isfile(folder):
+        raise ConfigError(f"--out {folder} is a file: give a folder")
+    return folder
+
+
+def fetch_data(cfg: RunConfig) -> str | None:
+    """MNIST is fetched here, on the submitting host: a compute node never downloads."""
+    if cfg.resolved_dataset != "mnist":
+        return None
+    from core.data import download_mnist, load_mnist
+
+    why = download_mnist(cfg.data_dir) if os.access(existing_parent(cfg.data_dir), os.W_OK) else "read-only"
+    if why:
+        print(f"note: MNIST could not be downloaded into {cfg.data_dir} ({why})", flush=True)
+    source = load_mnist(cfg.data_dir).description
+    print(f"data: {source}", flush=True)
+    return source
+
+
+def prepare(cfg: RunConfig, dry_run: bool = False) -> LaunchPlan:
+    """Validate, derive the layout, pick cluster and device, fetch data: the plan, or ConfigError/DataError.
+
+    A dry run needs neither data nor Slurm's commands: it only renders what would be submitted."""
+    import torch
+
+    from jobs.executor import resolve_cluster
+    from jobs.strategies import validate_run
+
+    layout = validate_run(cfg)
+    cluster = resolve_cluster(cfg)
+    cuda_count = torch.cuda.device_count()
+    plan = LaunchPlan(cfg, layout, cluster, resolve_device(cfg, cluster, cuda_count), run_folder(cfg))
+    check_host(plan, cuda_count)
+    if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "--cluster slurm, but sbatch is not on PATH: submit from a Slurm login node, or preview with --dry-run"
+        )
+    if not dry_run:
+        plan = dataclasses.replace(plan, data_source=fetch_data(cfg))
+    return plan
