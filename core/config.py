@@ -70,7 +70,7 @@ class RunConfig:
     dp_mode: str | None = option(
         None,
         "how replicas keep gradients equal: fsdp (FSDP2 fully_shard) or ddp "
-        "(DistributedDataParallel) (default: ddp for mp, fsdp otherwise)",
+        "(DistributedDataParallel) (default: fsdp with tensor parallel, ddp otherwise)",
         choices=DP_MODES,
     )
     model: str = option(
@@ -126,7 +126,10 @@ class RunConfig:
     )
     out: str | None = option(None, "run folder (default: runs/<strategy>-<time>/)")
     dist_timeout_s: float = option(
-        300.0, "seconds any collective or rendezvous may wait before the job fails", flag="--dist-timeout"
+        300.0,
+        "seconds any collective or rendezvous may wait before the job fails",
+        flag="--dist-timeout",
+        metavar="SEC",
     )
     log_every: int = option(20, "progress line every N steps")
 

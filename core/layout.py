@@ -159,7 +159,8 @@ class Layout:
             stages = pp * per_rank
         if s not in ("pp", "tp"):
             need(cfg.tp == 1, "--tp applies to --strategy tp and pp")
-        mode = cfg.dp_mode or ("ddp" if s == "mp" else "fsdp")
+        # ddp measured faster (core/data_parallel.py); FSDP2 is the one that holds DTensor (tp) parameters
+        mode = cfg.dp_mode or ("fsdp" if tp > 1 else "ddp")
         need(mode in DP_MODES, f"unknown --dp-mode {mode!r}: choose one of {', '.join(DP_MODES)}")
         need(
             not (mode == "ddp" and tp > 1),
@@ -168,7 +169,7 @@ class Layout:
         need(
             not (mode == "fsdp" and s == "mp" and dp > 1),
             "--strategy mp keeps a replica's stages on several devices in one process, which FSDP2 cannot "
-            "shard: use --dp-mode ddp (the default for mp)",
+            "shard: use --dp-mode ddp (the default without --tp)",
         )
         layout = cls(s, dp, pp, tp, stages, per_rank, nodes, mode)
         procs = layout.processes

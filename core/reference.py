@@ -27,9 +27,7 @@ def build_reference(model: nn.Module, cfg: RunConfig, state: DistState) -> Built
     """--strategy reference (and dp): the whole model on this process's device, one replica of --dp."""
     from core.data_parallel import replicate_over_dp
 
-    return single_device_build(
-        model, cfg, state.device, wrap=lambda m: replicate_over_dp(m, state, cfg.dtype == "bf16")
-    )
+    return single_device_build(model, cfg, state.device, wrap=lambda m: replicate_over_dp(m, state))
 
 
 def grad_rel_diff(grad: torch.Tensor, ref: torch.Tensor) -> float:

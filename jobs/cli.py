@@ -90,10 +90,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, suppress_defaults: b
         kind = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kw: dict = {"dest": f.name, "help": meta.get("help", "")}
-        if meta.get("choices"):
-            kw["help"] = f"{kw['help']}; one of {', '.join(meta['choices'])}"
-        if meta.get("metavar"):
-            kw["metavar"] = meta["metavar"]
+        if meta.get("metavar") or meta.get("choices"):
+            kw["metavar"] = meta.get("metavar") or "{" + ",".join(meta["choices"]) + "}"
         if kind is bool and default is False:
             kw["action"] = "store_true"
         elif kind is bool:  # on by default: --flag 0 turns it off

@@ -82,7 +82,7 @@ def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     n = state.layout.stages
     devices = stage_devices(n, state.device)
     stages = place_layers(model, devices, cfg.split)
-    run = replicate_over_dp(model, state, cfg.dtype == "bf16")  # DDP over a replica spanning several devices
+    run = replicate_over_dp(model, state)  # DDP over a replica spanning several devices
     first, last = devices[0], devices[-1]
     unique = list(dict.fromkeys(devices))
     recorder = TimelineRecorder(0, first, sync_devices=unique if first.type == "cuda" else None)

@@ -132,7 +132,7 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         _count_sends(sub, names[idx], idx, n_stages, sent, calls_seen=lambda: calls["n"])
         # FSDP2 shards the stage in place; a DDP wrapper is what the stage runs (torch syncs either
         # once per step, after the last micro-batch's backward)
-        stage = PipelineStage(replicate_over_dp(sub, state, cfg.dtype == "bf16"), idx, n_stages, device, group=pp_group)
+        stage = PipelineStage(replicate_over_dp(sub, state), idx, n_stages, device, group=pp_group)
         wrap_stage(recorder, stage)
         modules.append(sub)
         stages.append(stage)

@@ -14,16 +14,16 @@ from helpers import cfg, small_mnist, train_in_rank
 
 CASES = {
     # name: (ranks, configuration)
-    "dp 2 (fsdp)": (2, dict(strategy="dp", gpus=2, model="gpt")),
-    "dp 2 (ddp)": (2, dict(strategy="dp", gpus=2, model="gpt", dp_mode="ddp")),
+    "dp 2 (ddp, the default)": (2, dict(strategy="dp", gpus=2, model="gpt")),
+    "dp 2 (fsdp)": (2, dict(strategy="dp", gpus=2, model="gpt", dp_mode="fsdp")),
     "dp 2 mnist-cnn": (2, dict(strategy="dp", gpus=2, model="mnist-cnn", batch_size=32)),
     "mp 4 = dp 2 x 2 stages": (2, dict(strategy="mp", gpus=4, dp=2, model="mnist-cnn", batch_size=32)),
-    "pp 4 = dp 2 x pp 2": (4, dict(strategy="pp", gpus=4, dp=2, model="gpt", batch_size=8)),
-    "pp 4 = dp 2 x pp 2 (ddp)": (4, dict(strategy="pp", gpus=4, dp=2, model="gpt", batch_size=8, dp_mode="ddp")),
+    "pp 4 = dp 2 x pp 2 (ddp)": (4, dict(strategy="pp", gpus=4, dp=2, model="gpt", batch_size=8)),
+    "pp 4 = dp 2 x pp 2 (fsdp)": (4, dict(strategy="pp", gpus=4, dp=2, model="gpt", batch_size=8, dp_mode="fsdp")),
     "tp 4 = dp 2 x tp 2": (4, dict(strategy="tp", gpus=4, dp=2, tp=2, model="gpt")),
+    # 3D: 8 gloo ranks on 2 cores, about 1.5 minutes; the one many-rank case of the default run
+    "pp 8 = dp 2 x pp 2 x tp 2 (3D)": (8, dict(strategy="pp", gpus=8, dp=2, tp=2, model="gpt", batch_size=8)),
 }
-# 8 gloo ranks on 2 cores: a minute or more; run with `pytest -m slow tests/test_dp.py`
-SLOW = {"pp 8 = dp 2 x pp 2 x tp 2 (3D)": (8, dict(strategy="pp", gpus=8, dp=2, tp=2, model="gpt", batch_size=8))}
 
 
 class Train:
@@ -64,13 +64,6 @@ def test_data_parallel_matches_the_reference(case):
     check_case(world, kw)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(SLOW))
-def test_3d_data_pipeline_tensor_matches_the_reference(case):
-    world, kw = SLOW[case]
-    check_case(world, kw)
-
-
 def test_data_parallel_eval_scores_every_held_out_sample_once():
     """Replicas score different rows: the accuracy of dp 2 equals the single process's."""
     kw = dict(strategy="dp", gpus=2, model="mnist-cnn", batch_size=32)
@@ -90,3 +83,12 @@ def test_replica_shards_cover_the_global_batch_once(strategy, gpus, dp, tp):
     # every rank of a replica (its pipeline and tensor ranks) takes the same rows; replicas disjoint
     assert sorted(set(rows)) == list(range(24))
     assert len(rows) == 24 * layout.processes // layout.dp
+
+
+def test_default_dp_mode_is_ddp_and_fsdp_where_tensor_parallel_needs_it():
+    from core.layout import Layout
+
+    assert Layout.from_config(cfg(strategy="dp", gpus=2)).dp_mode == "ddp"  # measured faster (README)
+    assert Layout.from_config(cfg(strategy="mp", gpus=4, dp=2)).dp_mode == "ddp"
+    assert Layout.from_config(cfg(strategy="tp", gpus=4, dp=2, model="gpt")).dp_mode == "fsdp"  # DTensor params
+    assert Layout.from_config(cfg(strategy="pp", gpus=8, dp=2, tp=2, model="gpt")).dp_mode == "fsdp"

@@ -27,7 +27,7 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     device = state.device
     model.to(device)
     apply_tp(model, state.submesh("tp"), cfg)
-    run = replicate_over_dp(model, state, cfg.dtype == "bf16")  # FSDP2 over "dp": 2-D (dp, tp) parameters
+    run = replicate_over_dp(model, state)  # FSDP2 over "dp": 2-D (dp, tp) parameters
     comm: dict = {}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
