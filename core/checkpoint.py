@@ -1,11 +1,17 @@
-"""Checkpoint and exact resume: for preemption, time limits and ``--resume RUN_DIR``.
+"""Checkpoints that outlive the layout: torch.distributed.checkpoint (DCP) with full-model names.
 
-Each rank writes its own file (its parameters, optimizer state, RNG states, the data position and
-the losses so far) into <run>/checkpoint/, through a temporary file and a rename; rank 0 writes
-``latest.json`` last, after a barrier, so a checkpoint is either complete or absent. A resumed run
-restores all of it and skips the batches already seen: on CPU its losses equal an uninterrupted
-run's bit for bit (tested). DTensor parameters and optimizer states are saved as their local
-shards and rebuilt on the same mesh.
+A checkpoint is a folder ``<run>/checkpoint/step-NNNNNNNN/`` written by ``dcp.save`` from every
+rank: the model and optimizer state dicts of ``torch.distributed.checkpoint.state_dict`` (DTensor
+and FSDP2 aware; the optimizer's flattened per parameter, so any layout can read any other's),
+keyed by the full model's parameter names (``blocks.h0.attn.q.weight``) whatever the cut. Beside
+them: ``meta.json`` (data position, losses so far, the layout and configuration it was saved
+under) and each rank's RNG state. DCP reshards on load: a pp 2 run resumes as tp 2, dp 2 x pp 2,
+mp 3 or reference, each rank reading just the slices it holds.
+
+Atomic: every rank writes into ``step-N.partial/``; after a barrier rank 0 renames it to
+``step-N/`` and then replaces ``latest.json`` (write aside, rename). A save killed half-way leaves
+only a ``.partial`` folder, which is ignored and removed by the next save: the last good
+checkpoint is never touched. ``--keep-checkpoints K`` keeps the newest K.
 
 A stop is requested by SIGUSR2 (Slurm sends it ``--signal`` seconds before the time limit, and
 ``scancel --signal=USR2`` does it by hand). Ranks agree on it at step boundaries with one small
@@ -16,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from core.distributed import DistState
 
@@ -42,68 +50,153 @@ class StopRequest:
         return bool(t.item())
 
 
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
+def param_holder(params: list[tuple[str, nn.Parameter]]) -> nn.Module:
+    """A module that holds exactly this rank's parameters under their full-model names (the same
+    Parameter objects): what DCP's state-dict helpers take, whatever wraps the real modules (a DDP
+    wrapper, several pipeline stages on one rank)."""
+    root = nn.Module()
+    for name, p in params:
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if part not in m._modules:
+                m.add_module(part, nn.Module())
+            m = m._modules[part]
+        m.register_parameter(leaf, p)
+    return root
 
 
-def _like(saved: torch.Tensor, target):
-    """Put a saved local shard back in the shape of ``target`` (a DTensor or a tensor)."""
-    if hasattr(target, "device_mesh"):
-        from torch.distributed.tensor import DTensor
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return DTensor.from_local(saved.to(target.device), target.device_mesh, target.placements, run_check=False)
-    return saved.to(target.device) if isinstance(target, torch.Tensor) else saved
+    # flattened optimizer state: one key per parameter and field, so ranks of another layout each
+    # find the entries of the parameters they hold (torchtitan does the same for pipelines)
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state_dicts(holder: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {
+        "model": get_model_state_dict(holder, options=_options()),
+        "optim": get_optimizer_state_dict(holder, opt, options=_options()),
+    }
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, state: DistState) -> None:
+    def __init__(self, run_dir: str, state: DistState, keep: int | None = None) -> None:
         self.dir = os.path.join(run_dir, "checkpoint")
         self.state = state
-
-    def _rank_file(self) -> str:
-        return os.path.join(self.dir, f"rank{self.state.rank}.pt")
+        self.keep = keep
 
     def exists(self) -> bool:
         return os.path.exists(os.path.join(self.dir, "latest.json"))
 
-    def save(self, params: list, opt: torch.optim.Optimizer, position: dict, losses: list[float]) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        opt_state = opt.state_dict()
-        opt_state["state"] = {k: {n: _local(v) for n, v in s.items()} for k, s in opt_state["state"].items()}
-        blob = {
-            "params": {name: _local(p.detach()).cpu() for name, p in params},
-            "opt": opt_state,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "position": position,
-            "losses": losses,
-        }
-        tmp = self._rank_file() + ".tmp"
-        torch.save(blob, tmp)
-        os.replace(tmp, self._rank_file())
-        if dist.is_initialized():
-            dist.barrier()
+    def latest(self) -> dict:
+        with open(os.path.join(self.dir, "latest.json")) as f:
+            return json.load(f)
+
+    def save(self, params: list, opt: torch.optim.Optimizer, position: dict, losses: list[float], config: dict) -> str:
+        """Write a checkpoint of this step from every rank (a collective); returns its folder."""
+        import torch.distributed.checkpoint as dcp
+
+        name = f"step-{position['step']:08d}"
+        final, partial = os.path.join(self.dir, name), os.path.join(self.dir, name + ".partial")
         if self.state.is_main:
-            with open(os.path.join(self.dir, "latest.json.tmp"), "w") as f:
-                json.dump({"position": position, "world_size": self.state.world_size}, f)
-            os.replace(os.path.join(self.dir, "latest.json.tmp"), os.path.join(self.dir, "latest.json"))
+            shutil.rmtree(partial, ignore_errors=True)  # a save that died earlier at this step
+            os.makedirs(partial)
+        _barrier()
+        dcp.save(_state_dicts(param_holder(params), opt), checkpoint_id=partial, no_dist=not dist.is_initialized())
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, os.path.join(partial, f"rng-rank{self.state.rank}.pt"))
+        _barrier()  # every rank's files are complete before the folder is published
+        if self.state.is_main:
+            meta = {
+                "position": position,
+                "losses": losses,
+                "layout": self.state.layout.to_dict(),
+                "config": config,
+            }
+            with open(os.path.join(partial, "meta.json"), "w") as f:
+                json.dump(meta, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            tmp = os.path.join(self.dir, "latest.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"folder": name, "position": position, "layout": meta["layout"]}, f)
+            os.replace(tmp, os.path.join(self.dir, "latest.json"))
+            self._prune(name)
+        _barrier()
+        return final
+
+    def _prune(self, newest: str) -> None:
+        """Remove leftovers of interrupted saves, and checkpoints beyond the newest ``keep``."""
+        names = sorted(n for n in os.listdir(self.dir) if n.startswith("step-"))
+        for n in names:
+            if n.endswith(".partial"):
+                shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
+        done = [n for n in names if not n.endswith(".partial")]
+        if self.keep:
+            for n in done[: -self.keep]:
+                if n != newest:
+                    shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
 
     @torch.no_grad()
-    def load(self, params: list, opt: torch.optim.Optimizer) -> tuple[dict, list[float]]:
-        blob = torch.load(self._rank_file(), weights_only=False)
-        for name, p in params:
-            _local(p).copy_(blob["params"][name].to(p.device))
-        saved = blob["opt"]
-        by_index = dict(enumerate(p for group in opt.param_groups for p in group["params"]))
-        saved["state"] = {
-            k: {
-                n: _like(v, by_index[int(k)]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                for n, v in s.items()
-            }
-            for k, s in saved["state"].items()
-        }
-        opt.load_state_dict(saved)
-        torch.set_rng_state(blob["rng"])
-        if blob["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["cuda_rng"])
-        return blob["position"], blob["losses"]
+    def load_state(self, params: list, opt: torch.optim.Optimizer) -> None:
+        """Weights and optimizer state of ``params`` (any subset of the model, sharded or whole,
+        e.g. the parity check's single-device copy) from the latest checkpoint."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        folder = os.path.join(self.dir, self.latest()["folder"])
+        holder = param_holder(params)
+        state = _state_dicts(holder, opt)
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        set_model_state_dict(holder, state["model"], options=_options())
+        set_optimizer_state_dict(holder, opt, state["optim"], options=_options())
+
+    @torch.no_grad()
+    def load(self, params: list, opt: torch.optim.Optimizer) -> tuple[dict, list[float], dict]:
+        """Restore this rank's parameters and optimizer state from the latest checkpoint, whatever
+        layout wrote it, and its random state. Returns (data position, losses so far, the saved meta)."""
+        folder = os.path.join(self.dir, self.latest()["folder"])
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        self.load_state(params, opt)
+        # same layout: each rank its own random state (bit-for-bit resume); another layout: rank 0's
+        same = meta["layout"]["processes"] == self.state.world_size and meta["layout"] == self.state.layout.to_dict()
+        path = os.path.join(folder, f"rng-rank{self.state.rank if same else 0}.pt")
+        if os.path.exists(path):
+            rng = torch.load(path, weights_only=False)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        return meta["position"], meta["losses"], meta
+
+
+def export_weights(run_dir: str, target: str) -> int:
+    """The latest checkpoint's model as ONE plain state dict (torch.save), loadable with
+    ``model.load_state_dict(torch.load(target))`` into the uncut model. Returns the tensor count."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt = Checkpointer(run_dir, None)  # type: ignore[arg-type]
+    folder = os.path.join(ckpt.dir, ckpt.latest()["folder"])
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = os.path.join(tmp, "whole.pt")
+        dcp_to_torch_save(folder, whole)
+        sd = torch.load(whole, weights_only=False)
+    model = sd["model"] if "model" in sd else {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    model = {k: v.detach().cpu().contiguous() for k, v in model.items()}
+    partial = target + ".partial"
+    torch.save(model, partial)
+    os.replace(partial, target)
+    return len(model)

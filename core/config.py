@@ -32,9 +32,11 @@ class ConfigError(ValueError):
     """A user mistake: the message is one line saying what is wrong and how to fix it."""
 
 
-def option(default=None, help: str = "", *, choices=None, flag=None, parse=None, metavar=None, factory=None):
+def option(
+    default=None, help: str = "", *, choices=None, flag=None, parse=None, metavar=None, factory=None, nargs=None
+):
     """A configuration field that is also a command-line option (its one declaration)."""
-    meta = {"help": help, "choices": choices, "flag": flag, "parse": parse, "metavar": metavar}
+    meta = {"help": help, "choices": choices, "flag": flag, "parse": parse, "metavar": metavar, "nargs": nargs}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -125,6 +127,13 @@ class RunConfig:
         factory=list,
     )
     out: str | None = option(None, "run folder (default: runs/<strategy>-<time>/)")
+    checkpoint_every: int | None = option(
+        None, "save a checkpoint every N steps and at the end (torch.distributed.checkpoint; any layout resumes it)"
+    )
+    keep_checkpoints: int = option(2, "keep the newest K checkpoints")
+    init_from: str | None = option(
+        None, "start from the weights in FILE (a plain state dict, e.g. from --export) instead of the seed's"
+    )
     dist_timeout_s: float = option(
         300.0,
         "seconds any collective or rendezvous may wait before the job fails",
@@ -217,6 +226,8 @@ def validate(cfg: RunConfig):
         "eval_samples",
         "time",
         "cpus_per_task",
+        "checkpoint_every",
+        "keep_checkpoints",
         "log_every",
     ):
         v = getattr(cfg, name)
@@ -231,7 +242,7 @@ def validate(cfg: RunConfig):
             "=" in opt and opt.split("=", 1)[0].strip() != "",
             f"--slurm-opt takes KEY=VALUE, like exclusive=true (got {opt!r})",
         )
-    for name in ("partition", "account", "qos", "constraint", "mem", "container", "data_dir", "out"):
+    for name in ("partition", "account", "qos", "constraint", "mem", "container", "data_dir", "out", "init_from"):
         _refuse_shell(name, getattr(cfg, name))
     for opt in cfg.slurm_opts:
         _refuse_shell("slurm_opt", opt)

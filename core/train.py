@@ -95,6 +95,8 @@ def run(
     set_numerics(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.flavor, dropout=not cfg.check)
+    if cfg.init_from:  # checked against the model on the submitting host (jobs.plan)
+        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True))
     bs = cfg.resolved_batch_size
     data = dataset or load_dataset(cfg.model, cfg.flavor, cfg.resolved_dataset, cfg.data_dir, cfg.seed, bs)
     log(state, f"data: {data.description}")
@@ -116,11 +118,19 @@ def run(
     losses: list[torch.Tensor] = []
     prior_losses: list[float] = []
     step, epoch, skip = 0, 0, 0
-    ckpt = Checkpointer(out_dir, state) if out_dir else None
+    ckpt = Checkpointer(out_dir, state, keep=cfg.keep_checkpoints) if out_dir else None
     if ckpt and ckpt.exists():
-        position, prior_losses = ckpt.load(built.params, opt)
+        position, prior_losses, meta = ckpt.load(built.params, opt)
+        if checker:  # the reference continues from the restored weights and AdamW state, all of them
+            ckpt.load_state(checker.ref.params, checker.opt)
         step, epoch, skip = position["step"], position["epoch"], position["batch"]
-        log(state, f"resumed from {ckpt.dir} at step {step} (epoch {epoch + 1}, batch {skip})")
+        saved = meta["layout"]
+        was = (
+            ""
+            if saved == state.layout.to_dict()
+            else f", saved under {saved['strategy']} dp {saved['dp']} pp {saved['pp']} tp {saved['tp']}"
+        )
+        log(state, f"resumed from {ckpt.dir} at step {step} (epoch {epoch + 1}, batch {skip}{was})")
     # ranks agree on a stop with one all-reduce: every step alone, every 10 steps in a group
     stop_every = 1 if state.world_size == 1 else 10
     built.train_mode(True)
@@ -166,11 +176,16 @@ def run(
                     f"step {step}/{n_steps}  epoch {epoch + 1}  loss {loss.item():.4f}  "
                     f"{step * bs * cfg.grad_accum / clock.elapsed():.1f} samples/s",
                 )
+            position = {"step": step, "epoch": epoch, "batch": index + 1}
+            periodic = ckpt and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step >= n_steps)
+            if periodic:  # every N steps, and the last step so a finished run can be continued
+                ckpt.save(built.params, opt, position, prior_losses + [float(v) for v in losses], cfg.to_dict())
+                log(state, f"checkpoint at step {step} saved in {ckpt.dir}")
             if step >= n_steps:
                 break
             if stop is not None and step % stop_every == 0 and stop.agreed(state) and ckpt:
-                done = prior_losses + [float(v) for v in losses]
-                ckpt.save(built.params, opt, {"step": step, "epoch": epoch, "batch": index + 1}, done)
+                if not periodic:
+                    ckpt.save(built.params, opt, position, prior_losses + [float(v) for v in losses], cfg.to_dict())
                 log(state, f"stop requested: checkpoint at step {step} saved in {ckpt.dir}")
                 raise Preempted(f"checkpoint at step {step} in {ckpt.dir}")
         epoch, skip = epoch + 1, 0

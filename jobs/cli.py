@@ -27,6 +27,13 @@ class SubmitActions:
         "continue a stopped run from its checkpoint, with the configuration it was started with",
         metavar="RUN_DIR",
     )
+    export: list[str] | None = option(
+        None,
+        "write RUN_DIR's latest checkpoint as one plain state dict FILE (torch.load + load_state_dict)",
+        metavar=("RUN_DIR", "FILE"),
+        nargs=2,
+    )
+    force: bool = option(False, "--export: replace FILE if it exists")
     compare: bool = option(False, "run mp and every pp schedule on the same model; one table, one PNG")
     pytest: str | None = option(
         None,
@@ -96,6 +103,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, suppress_defaults: b
             kw["action"] = "store_true"
         elif kind is bool:  # on by default: --flag 0 turns it off
             kw.update(type=_zero_one(flag), metavar="{0,1}")
+        elif kind is list and meta.get("nargs"):
+            kw["nargs"] = meta["nargs"]
         elif kind is list and meta.get("parse") is None:
             kw["action"] = "append"
         else:

@@ -68,10 +68,11 @@ def check_host(plan: LaunchPlan, cuda_count: int) -> None:
         )
 
 
-def run_folder(cfg: RunConfig) -> str:
+def run_folder(cfg: RunConfig, resuming: bool = False) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     folder = os.path.abspath(cfg.out or os.path.join("runs", f"{cfg.strategy}-{stamp}"))
-    if os.path.exists(os.path.join(folder, "result.json")):
+    # a resumed run continues its own folder (jobs.resume checked it asks for more steps)
+    if os.path.exists(os.path.join(folder, "result.json")) and not resuming:
         raise ConfigError(f"--out {folder} already holds a result: choose another folder (nothing is overwritten)")
     if os.path.isfile(folder):
         raise ConfigError(f"--out {folder} is a file: give a folder")
@@ -92,7 +93,34 @@ def fetch_data(cfg: RunConfig) -> str | None:
     return source
 
 
-def prepare(cfg: RunConfig, dry_run: bool = False) -> LaunchPlan:
+def check_init_from(cfg: RunConfig) -> None:
+    """--init-from must hold exactly the model's parameter names and shapes: name the first mismatch."""
+    import torch
+
+    from core.models import build_model
+
+    path = cfg.init_from
+    if not os.path.isfile(path):
+        raise ConfigError(f"--init-from {path} is not a file: give a state dict written by --export or torch.save")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or not a plain state dict
+        raise ConfigError(f"--init-from {path} is not a plain state dict ({type(e).__name__}): use --export") from None
+    with torch.device("meta"):  # names and shapes only: no memory for the weights
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg.model, cfg.flavor).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in saved:
+            raise ConfigError(f"--init-from {path} has no {name!r} (the {cfg.model} {cfg.flavor} model needs it)")
+        if tuple(saved[name].shape) != shape:
+            raise ConfigError(
+                f"--init-from {path}: {name!r} has shape {tuple(saved[name].shape)}, the model needs {shape}"
+            )
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise ConfigError(f"--init-from {path} holds {extra[0]!r}, which the {cfg.model} {cfg.flavor} model has not")
+
+
+def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> LaunchPlan:
     """Validate, derive the layout, pick cluster and device, fetch data: the plan, or ConfigError/DataError.
 
     A dry run needs neither data nor Slurm's commands: it only renders what would be submitted."""
@@ -104,7 +132,9 @@ def prepare(cfg: RunConfig, dry_run: bool = False) -> LaunchPlan:
     layout = validate_run(cfg)
     cluster = resolve_cluster(cfg)
     cuda_count = torch.cuda.device_count()
-    plan = LaunchPlan(cfg, layout, cluster, resolve_device(cfg, cluster, cuda_count), run_folder(cfg))
+    if cfg.init_from:
+        check_init_from(cfg)
+    plan = LaunchPlan(cfg, layout, cluster, resolve_device(cfg, cluster, cuda_count), run_folder(cfg, resuming))
     check_host(plan, cuda_count)
     if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
         raise ConfigError(

@@ -170,10 +170,12 @@ def first_failure(job) -> str:
     return "no task wrote anything to its stderr"
 
 
-def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet: bool = False) -> tuple[int, str]:
+def run_one(
+    cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet: bool = False, resuming: bool = False
+) -> tuple[int, str]:
     """Validate, submit one job, wait for it and print its summary. Returns (exit code, run folder)."""
     try:
-        plan = prepare(cfg, dry_run)
+        plan = prepare(cfg, dry_run, resuming)
     except (ConfigError, DataError) as e:
         return fail(str(e)), ""
 
@@ -235,37 +237,6 @@ def run_one(cfg: RunConfig, dry_run: bool = False, no_wait: bool = False, quiet:
     return 0, folder
 
 
-LAYOUT_OPTIONS = ("strategy", "gpus", "nodes", "dp", "dp_mode", "tp", "schedule", "split")
-
-
-def resume_config(run_dir: str, given: set[str] | None = None, cfg: RunConfig | None = None) -> RunConfig:
-    """The configuration a stopped run was started with; it continues from its checkpoint.
-
-    Checkpoints hold each rank's own shard, so a run resumes only under the layout it was saved
-    with: a layout flag that asks for another one is refused (not silently dropped)."""
-    import json
-
-    path = os.path.join(run_dir, "config.json")
-    if os.path.exists(os.path.join(run_dir, "result.json")):
-        raise ConfigError(f"--resume {run_dir}: that run finished already (result.json is there)")
-    if not os.path.exists(path):
-        raise ConfigError(f"--resume {run_dir}: no config.json there; give a run folder made by jobs/submit.py")
-    if not os.path.exists(os.path.join(run_dir, "checkpoint", "latest.json")):
-        raise ConfigError(f"--resume {run_dir}: no checkpoint there (a run saves one when it is stopped by SIGUSR2)")
-    with open(path) as f:
-        d = json.load(f)
-    d.update(out=os.path.abspath(run_dir), dataset=d.get("dataset"))
-    saved = RunConfig.from_dict(d)
-    for name in sorted((given or set()) & set(LAYOUT_OPTIONS)):
-        if getattr(cfg, name) != getattr(saved, name):
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(
-                f"--resume {run_dir}: {flag} {getattr(cfg, name)} asks for another layout than the saved run's "
-                f"({getattr(saved, name)}); its checkpoint resumes only under the layout it was saved with"
-            )
-    return saved
-
-
 def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     """``--pytest gpu``: run this suite's ``pytest -m gpu`` as a job on a node (one task holding
     --gpus GPUs, in --container if given), so a node is checked before it is trusted."""
@@ -305,12 +276,21 @@ def main(argv: list[str] | None = None) -> int:
         return compare(cfg, run_one)
     if actions.pytest:
         return run_pytest_job(cfg, actions.pytest, actions.dry_run)
-    if actions.resume:
+    if actions.export:
+        from jobs.resume import export
+
         try:
-            cfg = resume_config(actions.resume, given, cfg)
+            return export(*actions.export, force=actions.force)
         except ConfigError as e:
             return fail(str(e))
-    return run_one(cfg, actions.dry_run, actions.no_wait)[0]
+    if actions.resume:
+        from jobs.resume import resume_config
+
+        try:
+            cfg = resume_config(actions.resume, cfg, given)
+        except ConfigError as e:
+            return fail(str(e))
+    return run_one(cfg, actions.dry_run, actions.no_wait, resuming=bool(actions.resume))[0]
 
 
 if __name__ == "__main__":

@@ -34,3 +34,136 @@ def test_sigusr2_checkpoint_and_resume_is_bit_for_bit(tmp_path):
     assert resumed["losses"] == straight["losses"]  # exact, not approximately
     assert resumed["final_loss"] == straight["final_loss"]
     assert resumed["eval_accuracy"] == straight["eval_accuracy"]
+
+
+# ---- layout-free checkpoints (torch.distributed.checkpoint) ---------------------------------
+GPT = dict(model="gpt", batch_size=8, check=True)  # check: dropout off, so layouts are comparable
+K, MORE = 3, 3  # steps before the checkpoint, steps after the resume
+
+
+class Train:
+    """One run inside harness ranks: train ``kw`` into ``out`` (resuming when a checkpoint is there)."""
+
+    def __init__(self, out: str | None, **kw) -> None:
+        self.out, self.kw = out, kw
+
+    def __call__(self) -> dict:
+        from helpers import train_in_rank
+
+        r = train_in_rank(cfg(**GPT, **self.kw), out_dir=self.out)
+        return {"losses": r["losses"], "check": r["check"]}
+
+
+RESUME_AS = {
+    "reference": (1, dict(strategy="reference")),
+    "mp 3": (1, dict(strategy="mp", gpus=3)),
+    "tp 2": (2, dict(strategy="tp", gpus=2)),
+    "pp 4": (4, dict(strategy="pp", gpus=4)),
+    "dp 2 x pp 2": (4, dict(strategy="pp", gpus=4, dp=2)),
+}
+
+
+def test_a_pp_2_checkpoint_resumes_under_every_other_layout(tmp_path):
+    """Run A (pp 2) saves at step K; B resumes it under another layout for MORE steps. B's losses
+    after the resume must equal an uninterrupted single-device run's: the weights, the AdamW state
+    and the data position all crossed the layout change (dp 2 included: no batch skipped or seen
+    twice)."""
+    import shutil
+
+    from harness import run_ranks
+
+    straight = run_ranks(Train(None, strategy="reference", steps=K + MORE), 1)[0]["losses"]
+    a = tmp_path / "a"
+    run_ranks(Train(str(a), strategy="pp", gpus=2, steps=K, checkpoint_every=K), 2)
+    assert (a / "checkpoint" / f"step-{K:08d}" / ".metadata").exists()
+    for name, (world, kw) in RESUME_AS.items():
+        b = tmp_path / name.replace(" ", "_")
+        shutil.copytree(a, b)
+        (b / "result.json").unlink()
+        r = run_ranks(Train(str(b), steps=K + MORE, **kw), world, timeout_s=600)[0]
+        assert len(r["losses"]) == K + MORE, name
+        for got, want in zip(r["losses"][K:], straight[K:]):
+            # fp32, TF32 off: A and B each sum in another order than the reference (parity 1e-5)
+            assert abs(got - want) <= 1e-5 * abs(want), (name, r["losses"], straight)
+        assert r["check"]["passed"], (name, r["check"])
+
+
+def test_a_rank_killed_during_a_save_leaves_the_last_checkpoint_good(tmp_path):
+    """Rank 1 dies inside the second save (step 4): the step-2 checkpoint still resumes, and the
+    resumed run ends exactly where an uninterrupted one does."""
+    from harness import RankFailed, run_ranks
+
+    run = tmp_path / "run"
+    with pytest.raises(RankFailed):
+        run_ranks(DieInSecondSave(str(run)), 2, timeout_s=120)
+    latest = (run / "checkpoint" / "latest.json").read_text()
+    assert '"step": 2' in latest
+    resumed = run_ranks(Train(str(run), strategy="pp", gpus=2, steps=6, checkpoint_every=2), 2)[0]
+    straight = run_ranks(Train(None, strategy="pp", gpus=2, steps=6), 2)[0]
+    assert resumed["losses"] == straight["losses"]  # same layout: bit for bit
+    assert not any(p.name.endswith(".partial") for p in (run / "checkpoint").iterdir())
+
+
+class DieInSecondSave:
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def __call__(self):
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        real, calls = dcp.save, {"n": 0}
+
+        def save(*args, **kwargs):
+            calls["n"] += 1
+            out = real(*args, **kwargs)
+            if calls["n"] == 2 and dist.get_rank() == 1:
+                os._exit(1)  # killed after writing its shard, before the checkpoint is published
+            return out
+
+        dcp.save = save
+        Train(self.out, strategy="pp", gpus=2, steps=6, checkpoint_every=2, dist_timeout_s=20)()
+
+
+def test_exported_weights_load_into_the_plain_model_and_score_the_same(tmp_path):
+    import torch
+
+    from core.data import batches  # noqa: F401  (the same data module the run used)
+    from core.models import build_model
+    from jobs.submit import main
+
+    data = small_mnist(512, 128)
+    c = cfg(strategy="mp", gpus=3, steps=4, batch_size=32, checkpoint_every=4, out=str(tmp_path / "run"))
+    r = run(c, one_process(c), get_build("mp"), out_dir=str(tmp_path / "run"), dataset=data)
+    target = tmp_path / "weights.pt"
+    assert main(["--export", str(tmp_path / "run"), str(target)]) == 0
+    model = build_model("mnist-cnn")
+    model.load_state_dict(torch.load(target, weights_only=True))  # the plain, uncut model
+    model.eval()
+    with torch.no_grad():
+        hits = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
+    assert hits == pytest.approx(r["eval_accuracy"], abs=1e-9)
+    # exporting again is refused without --force; nothing is overwritten
+    before = target.stat().st_mtime_ns
+    assert main(["--export", str(tmp_path / "run"), str(target)]) == 2
+    assert target.stat().st_mtime_ns == before
+
+
+def test_init_from_seeds_a_run_and_mismatches_are_named(tmp_path, capsys):
+    import torch
+
+    from core.models import build_model
+    from jobs.submit import main
+
+    good = tmp_path / "good.pt"
+    torch.save(build_model("gpt", "tiny").state_dict(), good)
+    common = ["--model", "gpt", "--cluster", "local", "--device", "cpu", "--dry-run"]
+    assert main(["--strategy", "pp", "--gpus", "2", "--init-from", str(good), *common]) == 0
+    bad = tmp_path / "bad.pt"
+    sd = build_model("gpt", "tiny").state_dict()
+    sd["blocks.h0.attn.q.weight"] = torch.zeros(3, 3)
+    torch.save(sd, bad)
+    capsys.readouterr()
+    assert main(["--init-from", str(bad), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'blocks.h0.attn.q.weight' has shape (3, 3)" in err

@@ -227,16 +227,35 @@ def test_a_failing_rank_is_reported_in_one_line(tmp_path):
     assert len(err) == 1 and "ValueError" in err[0] and "training samples" in err[0], p.stderr
 
 
-def test_resume_under_another_layout_is_refused(tmp_path, capsys):
-    """Checkpoints hold each rank's shard: --dp (or any layout flag) that differs is refused, not dropped."""
+def test_resume_takes_layout_flags_and_refuses_another_model(tmp_path, capsys):
+    """A checkpoint is layout-free: --dp/--gpus/--strategy override the saved ones; what would change
+    the training itself (another model, batch or seed) is refused in one line, nothing started."""
     from core.config import RunConfig
 
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
-    (run / "checkpoint" / "latest.json").write_text("{}")
+    (run / "checkpoint" / "latest.json").write_text(json.dumps({"position": {"step": 3}}))
     (run / "config.json").write_text(json.dumps(RunConfig(strategy="pp", gpus=2, model="gpt").to_dict()))
-    assert main(["--resume", str(run), "--strategy", "pp", "--gpus", "4", "--dp", "2", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--dp 2 asks for another layout" in err
-    # the same layout given again is fine: nothing to refuse
-    assert main(["--resume", str(run), "--gpus", "2", "--dry-run", "--cluster", "local", "--device", "cpu"]) == 0
+    local = ["--cluster", "local", "--device", "cpu", "--dry-run"]
+    assert main(["--resume", str(run), "--strategy", "pp", "--gpus", "4", "--dp", "2", *local]) == 0
+    assert "layout: pp, dp 2 x pp 2" in capsys.readouterr().out
+    for flags, said in (
+        (["--model", "mnist-cnn"], "--model mnist-cnn differs from the saved run's gpt"),
+        (["--batch-size", "16"], "--batch-size 16 differs"),
+    ):
+        assert main(["--resume", str(run), *flags, *local]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
+    # a finished run continues only when asked for more steps
+    (run / "result.json").write_text("{}")
+    assert main(["--resume", str(run), *local]) == 2
+    assert "finished at step 3; add --steps N with N > 3" in capsys.readouterr().err
+    assert main(["--resume", str(run), "--steps", "6", *local]) == 0
+
+
+def test_resume_without_a_checkpoint_and_checkpoint_every_zero_are_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["--resume", str(tmp_path), "--dry-run"]) == 2
+    assert "no checkpoint there" in capsys.readouterr().err
+    assert main(["--checkpoint-every", "0", "--dry-run", "--cluster", "local"]) == 2
+    assert "--checkpoint-every must be at least 1" in capsys.readouterr().err
