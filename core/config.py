@@ -131,6 +131,9 @@ class RunConfig:
         None, "save a checkpoint every N steps and at the end (torch.distributed.checkpoint; any layout resumes it)"
     )
     keep_checkpoints: int = option(2, "keep the newest K checkpoints")
+    max_retries: int = option(
+        2, "Slurm: requeue a job that fails after a checkpoint at most N times; it resumes from the checkpoint"
+    )
     init_from: str | None = option(
         None, "start from the weights in FILE (a plain state dict, e.g. from --export) instead of the seed's"
     )
@@ -232,6 +235,7 @@ def validate(cfg: RunConfig):
     ):
         v = getattr(cfg, name)
         need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+    need(cfg.max_retries >= 0, f"--max-retries must be 0 or more (got {cfg.max_retries})")
     need(cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), f"--lr must be a positive number (got {cfg.lr})")
     need(
         math.isfinite(cfg.dist_timeout_s) and cfg.dist_timeout_s > 0,

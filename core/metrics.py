@@ -91,5 +91,7 @@ def format_summary(result: dict, folder: str) -> str:
             f"   check {verdict}: max |loss diff| {c['max_loss_abs_diff']:.3g}, max grad rel diff "
             f"{c['max_grad_rel_diff']:.3g} (tolerance {c['tolerance']:.0e})"
         )
+    if result.get("attempts", 1) > 1:
+        lines.append(f"   attempts: {result['attempts']} (requeued after a preemption or a failure)")
     lines.append(f"   results in {folder}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from core import metrics
+from core import faults, metrics
 from core.checkpoint import Checkpointer, StopRequest
 from core.config import RunConfig
 from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
@@ -176,6 +176,7 @@ def run(
                     f"step {step}/{n_steps}  epoch {epoch + 1}  loss {loss.item():.4f}  "
                     f"{step * bs * cfg.grad_accum / clock.elapsed():.1f} samples/s",
                 )
+            faults.maybe_fail(state.rank, step)  # tests only (core/faults.py)
             position = {"step": step, "epoch": epoch, "batch": index + 1}
             periodic = ckpt and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step >= n_steps)
             if periodic:  # every N steps, and the last step so a finished run can be continued
@@ -220,6 +221,7 @@ def run(
         "steady_after_steps": warm,
         "peak_memory_bytes": [int(r[0]) for r in per_rank_peaks],
         "peak_memory_kind": peak_kind,
+        "attempts": faults.attempt() + 1,  # > 1: requeued after a preemption or a failure (Slurm)
     }
     result.update(built.result_extras())
     result["communication_per_axis"] = communication_per_axis(result, built, state)

@@ -56,9 +56,47 @@ class TrainTask:
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
             sys.stdout.flush()
             os._exit(0)  # leave no result file: the requeued run writes the real one
+        except Exception as e:
+            if slurm and requeue_after_failure(plan, state.rank, e):
+                sys.stdout.flush()
+                os._exit(0)  # the requeued job resumes from the checkpoint and writes the result
+            raise
         finally:
             distributed.shutdown()
         return result if state.is_main else None
+
+
+def requeue_after_failure(plan: LaunchPlan, rank: int, error: Exception) -> bool:
+    """Under Slurm, a job that fails after a checkpoint is requeued (at most --max-retries times)
+    and resumes from it. Any failing rank may ask: a peer of a dead rank fails too, and a second
+    request for the same job is harmless. Returns True when the requeue was accepted."""
+    import shutil
+
+    from core import faults
+
+    done = faults.attempt()
+    if done >= plan.cfg.max_retries:
+        return False
+    if not os.path.exists(os.path.join(plan.run_dir, "checkpoint", "latest.json")):
+        return False  # nothing to resume from: retrying would repeat the same work
+    if shutil.which("scontrol") is None:  # e.g. a container image without Slurm's commands
+        print(
+            f"rank {rank}: cannot requeue after this failure: scontrol is not available here (inside "
+            f"the container?); continue by hand with --resume {plan.run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    p = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True, text=True)
+    if p.returncode != 0:
+        return False
+    print(
+        f"rank {rank} failed ({type(error).__name__}: {error}); job requeued, attempt {done + 2} of "
+        f"at most {plan.cfg.max_retries + 1}, resuming from the last checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
 def _forget_previous_result() -> None:

@@ -165,3 +165,27 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, strategy
     a = json.loads((straight / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
     assert len(b["losses"]) == 120 and b["losses"] == a["losses"]  # bit for bit on CPU
+
+
+def test_a_crash_after_a_checkpoint_is_requeued_and_resumes_exactly(slurm, tmp_path):
+    """Rank 1 crashes after step 5 of the first attempt (MPS_FAULT, test-only): the job requeues
+    itself, resumes from the step-4 checkpoint and ends with an uninterrupted run's losses; the
+    summary says it took 2 attempts. With --max-retries 0 the same crash fails the job, naming rank 1."""
+    common = ["--strategy", "pp", "--gpus", "2", "--model", "gpt", "--steps", "10", "--batch-size", "16"]
+    straight = tmp_path / "straight"
+    p = run_submit("--cluster", "local", *common, "--out", straight, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+    env = dict(slurm.environ(), MPS_FAULT="crash:rank=1:step=5")
+    out = tmp_path / "crashed"
+    p = run_submit("--cluster", "slurm", *common, "--checkpoint-every", "4", "--out", out, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "attempts: 2" in p.stdout
+    a = json.loads((straight / "result.json").read_text())
+    b = json.loads((out / "result.json").read_text())
+    assert b["attempts"] == 2 and b["losses"] == a["losses"]  # bit for bit on CPU
+
+    out = tmp_path / "no-retry"
+    args = [*common, "--checkpoint-every", "4", "--max-retries", "0", "--out", out]
+    p = run_submit("--cluster", "slurm", *args, cwd=tmp_path, env=env)
+    assert p.returncode == 1 and "rank 1: core.faults.InjectedFaultError" in p.stderr, p.stderr[-2000:]
