@@ -9,7 +9,9 @@ under) and each rank's RNG state. DCP reshards on load: a pp 2 run resumes as tp
 mp 3 or reference, each rank reading just the slices it holds.
 
 Atomic: every rank writes into ``step-N.partial/``; after a barrier rank 0 renames it to
-``step-N/`` and then replaces ``latest.json`` (write aside, rename). A save killed half-way leaves
+``step-N/`` and then replaces ``latest.json`` (write aside, rename). On GPU the write runs in the
+background (``dcp.async_save``): training pauses only for the copy to host memory (2.3x shorter
+for gpt 1.3b on an H200, README) and the checkpoint is published when the write is done. A save killed half-way leaves
 only a ``.partial`` folder, which is ignored and removed by the next save: the last good
 checkpoint is never touched. ``--keep-checkpoints K`` keeps the newest K.
 
@@ -101,36 +103,62 @@ class Checkpointer:
         with open(os.path.join(self.dir, "latest.json")) as f:
             return json.load(f)
 
-    def save(self, params: list, opt: torch.optim.Optimizer, position: dict, losses: list[float], config: dict) -> str:
-        """Write a checkpoint of this step from every rank (a collective); returns its folder."""
+    def save(
+        self,
+        params: list,
+        opt: torch.optim.Optimizer,
+        position: dict,
+        losses: list[float],
+        config: dict,
+        background: bool = False,
+    ) -> str:
+        """Write a checkpoint of this step from every rank (a collective); returns its folder.
+
+        ``background``: torch's ``dcp.async_save``: the call returns once the state is copied to
+        host memory and the files are written while training goes on; ``finish()`` (called by the
+        next save, and by the training loop at the end) waits and publishes. Until then
+        ``latest.json`` names the previous checkpoint."""
         import torch.distributed.checkpoint as dcp
 
+        self.finish()
         name = f"step-{position['step']:08d}"
-        final, partial = os.path.join(self.dir, name), os.path.join(self.dir, name + ".partial")
+        partial = os.path.join(self.dir, name + ".partial")
         if self.state.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # a save that died earlier at this step
             os.makedirs(partial)
         _barrier()
-        dcp.save(_state_dicts(param_holder(params), opt), checkpoint_id=partial, no_dist=not dist.is_initialized())
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, os.path.join(partial, f"rng-rank{self.state.rank}.pt"))
-        _barrier()  # every rank's files are complete before the folder is published
+        meta = {"position": position, "losses": losses, "layout": self.state.layout.to_dict(), "config": config}
+        state = _state_dicts(param_holder(params), opt)
+        if background:
+            self._pending = (dcp.async_save(state, checkpoint_id=partial), name, meta)
+            return os.path.join(self.dir, name)
+        dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
+        self._pending = (None, name, meta)
+        return self.finish()
+
+    def finish(self) -> str | None:
+        """Wait for the save in flight (if any) and publish it: every rank's files are complete
+        (barrier) before rank 0 renames the folder and replaces latest.json. A collective."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return None
+        future, name, meta = pending
+        if future is not None:
+            future.result()
+        _barrier()
+        final, partial = os.path.join(self.dir, name), os.path.join(self.dir, name + ".partial")
         if self.state.is_main:
-            meta = {
-                "position": position,
-                "losses": losses,
-                "layout": self.state.layout.to_dict(),
-                "config": config,
-            }
             with open(os.path.join(partial, "meta.json"), "w") as f:
                 json.dump(meta, f)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             tmp = os.path.join(self.dir, "latest.json.tmp")
             with open(tmp, "w") as f:
-                json.dump({"folder": name, "position": position, "layout": meta["layout"]}, f)
+                json.dump({"folder": name, "position": meta["position"], "layout": meta["layout"]}, f)
             os.replace(tmp, os.path.join(self.dir, "latest.json"))
             self._prune(name)
         _barrier()

@@ -103,7 +103,8 @@ def init_distributed(layout: Layout, device_kind: str = "auto", timeout_s: float
         raise RuntimeError(
             f"the launcher started {world} process(es), but the layout ({layout.describe()}) needs {layout.processes}"
         )
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # on CUDA a gloo backend serves CPU tensors beside NCCL: checkpoints' async save needs it
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

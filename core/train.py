@@ -119,6 +119,9 @@ def run(
     prior_losses: list[float] = []
     step, epoch, skip = 0, 0, 0
     ckpt = Checkpointer(out_dir, state, keep=cfg.keep_checkpoints) if out_dir else None
+    # on GPU a periodic save writes in the background (DCP async_save: needs the CPU backend that
+    # core.distributed starts beside NCCL); on CPU the copy would cost what the write costs
+    background_saves = state.device.type == "cuda" and torch.distributed.is_initialized()
     if ckpt and ckpt.exists():
         position, prior_losses, meta = ckpt.load(built.params, opt)
         if checker:  # the reference continues from the restored weights and AdamW state, all of them
@@ -180,16 +183,20 @@ def run(
             position = {"step": step, "epoch": epoch, "batch": index + 1}
             periodic = ckpt and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step >= n_steps)
             if periodic:  # every N steps, and the last step so a finished run can be continued
-                ckpt.save(built.params, opt, position, prior_losses + [float(v) for v in losses], cfg.to_dict())
+                done = prior_losses + [float(v) for v in losses]
+                ckpt.save(built.params, opt, position, done, cfg.to_dict(), background=background_saves)
                 log(state, f"checkpoint at step {step} saved in {ckpt.dir}")
             if step >= n_steps:
                 break
             if stop is not None and step % stop_every == 0 and stop.agreed(state) and ckpt:
                 if not periodic:
                     ckpt.save(built.params, opt, position, prior_losses + [float(v) for v in losses], cfg.to_dict())
+                ckpt.finish()  # published before the job stops
                 log(state, f"stop requested: checkpoint at step {step} saved in {ckpt.dir}")
                 raise Preempted(f"checkpoint at step {step} in {ckpt.dir}")
         epoch, skip = epoch + 1, 0
+    if ckpt:
+        ckpt.finish()  # a background save in flight is complete and published before the result
     train_time = clock.elapsed()
     loss_values = prior_losses + ([float(v) for v in torch.stack(losses).float().cpu()] if losses else [])
 

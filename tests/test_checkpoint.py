@@ -167,3 +167,50 @@ def test_init_from_seeds_a_run_and_mismatches_are_named(tmp_path, capsys):
     assert main(["--init-from", str(bad), *common]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'blocks.h0.attn.q.weight' has shape (3, 3)" in err
+
+
+class BackgroundSave:
+    """Two gloo ranks of a tp 2 model: a background (async) save is invisible until finish()
+    publishes it, and then loads back exactly, also into a single process's whole model."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def __call__(self) -> dict:
+        import torch
+
+        from core.checkpoint import Checkpointer
+        from core.distributed import full_tensor
+        from core.train import make_optimizer
+        from jobs.strategies import get_build
+
+        from helpers import join
+
+        c = cfg(strategy="tp", gpus=2, model="gpt")
+        state = join(c)
+        torch.manual_seed(0)
+        from core.models import build_model
+
+        built = get_build("tp")(build_model("gpt"), c, state)
+        opt = make_optimizer(c, [p for _, p in built.params])
+        ck = Checkpointer(self.out, state)
+        ck.save(built.params, opt, {"step": 7, "epoch": 0, "batch": 7}, [1.0], c.to_dict(), background=True)
+        published_early = ck.exists()
+        ck.finish()
+        saved = {n: full_tensor(p).clone() for n, p in built.params}
+        with torch.no_grad():
+            for _, p in built.params:
+                p.zero_()
+        position, losses, _ = ck.load(built.params, opt)
+        same = all(torch.equal(full_tensor(p), saved[n]) for n, p in built.params)
+        return {"early": published_early, "same": same, "position": position, "rank": state.rank}
+
+
+def test_a_background_save_is_published_only_when_complete(tmp_path):
+    from harness import run_ranks
+
+    results = run_ranks(BackgroundSave(str(tmp_path)), 2)
+    for r in results:
+        assert not r["early"]  # latest.json appeared only after the write finished
+        assert r["same"] and r["position"]["step"] == 7
+    assert (tmp_path / "checkpoint" / "step-00000007" / ".metadata").exists()
