@@ -68,6 +68,9 @@ def param_holder(params: list[tuple[str, nn.Parameter]]) -> nn.Module:
     return root
 
 
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -187,8 +190,13 @@ class Checkpointer:
         holder = param_holder(params)
         state = _state_dicts(holder, opt)
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        # the saved param groups carry the saving run's kernel choice (fused on plain CUDA tensors);
+        # this layout's optimizer keeps its own (fused refuses TP's mix of DTensors and tensors)
+        kernels = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in opt.param_groups]
         set_model_state_dict(holder, state["model"], options=_options())
         set_optimizer_state_dict(holder, opt, state["optim"], options=_options())
+        for group, flags in zip(opt.param_groups, kernels):
+            group.update(flags)
 
     @torch.no_grad()
     def load(self, params: list, opt: torch.optim.Optimizer) -> tuple[dict, list[float], dict]:

@@ -37,7 +37,9 @@ def test_sigusr2_checkpoint_and_resume_is_bit_for_bit(tmp_path):
 
 
 # ---- layout-free checkpoints (torch.distributed.checkpoint) ---------------------------------
-GPT = dict(model="gpt", batch_size=8, check=True)  # check: dropout off, so layouts are comparable
+GPT = dict(
+    model="gpt", batch_size=8, check=True, lr=1e-2
+)  # check: dropout off; a large lr: lost AdamW moments would show
 K, MORE = 3, 3  # steps before the checkpoint, steps after the resume
 
 
@@ -214,3 +216,29 @@ def test_a_background_save_is_published_only_when_complete(tmp_path):
         assert not r["early"]  # latest.json appeared only after the write finished
         assert r["same"] and r["position"]["step"] == 7
     assert (tmp_path / "checkpoint" / "step-00000007" / ".metadata").exists()
+
+
+def test_a_resumed_optimizer_keeps_its_own_kernel_choice(tmp_path):
+    """Found on 2 H200s: a pp run's fused AdamW (plain CUDA tensors) resumed under tp, whose mix
+    of DTensors and tensors refuses fused kernels, and the loaded param groups switched fused on."""
+    import torch
+
+    from core.checkpoint import Checkpointer
+    from core.models import build_model
+
+    c = cfg(strategy="reference", model="gpt")
+    state = one_process(c)
+    params = list(build_model("gpt").named_parameters())
+    saving = torch.optim.AdamW([p for _, p in params], lr=1e-3, foreach=True)
+    for _, p in params:
+        p.grad = torch.ones_like(p)
+    saving.step()
+    ck = Checkpointer(str(tmp_path), state)
+    ck.save(params, saving, {"step": 1, "epoch": 0, "batch": 1}, [1.0], c.to_dict())
+    saved_moment = saving.state_dict()["state"][0]["exp_avg"].clone()
+    for _, p in params:
+        p.grad = None  # as at the start of a resumed run
+    resuming = torch.optim.AdamW([p for _, p in params], lr=1e-3, foreach=False)
+    ck.load(params, resuming)
+    assert resuming.param_groups[0]["foreach"] is False
+    assert torch.equal(resuming.state_dict()["state"][0]["exp_avg"], saved_moment)  # the moments did load
