@@ -11,9 +11,9 @@ mp 3 or reference, each rank reading just the slices it holds.
 Atomic: every rank writes into ``step-N.partial/``; after a barrier rank 0 renames it to
 ``step-N/`` and then replaces ``latest.json`` (write aside, rename). On GPU the write runs in the
 background (``dcp.async_save``): training pauses only for the copy to host memory (2.3x shorter
-for gpt 1.3b on an H200, README) and the checkpoint is published when the write is done. A save killed half-way leaves
-only a ``.partial`` folder, which is ignored and removed by the next save: the last good
-checkpoint is never touched. ``--keep-checkpoints K`` keeps the newest K.
+for gpt 1.3b on an H200, README) and the checkpoint is published when the write is done. A save
+killed half-way leaves only a ``.partial`` folder, which is ignored and removed by the next save:
+the last good checkpoint is never touched. ``--keep-checkpoints K`` keeps the newest K.
 
 A stop is requested by SIGUSR2 (Slurm sends it ``--signal`` seconds before the time limit, and
 ``scancel --signal=USR2`` does it by hand). Ranks agree on it at step boundaries with one small
@@ -88,6 +88,15 @@ def _state_dicts(holder: nn.Module, opt: torch.optim.Optimizer) -> dict:
     }
 
 
+def latest_checkpoint(run_dir: str) -> dict | None:
+    """What ``<run>/checkpoint/latest.json`` says (folder, position, layout), or None without one."""
+    path = os.path.join(run_dir, "checkpoint", "latest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -95,16 +104,18 @@ def _barrier() -> None:
 
 class Checkpointer:
     def __init__(self, run_dir: str, state: DistState, keep: int | None = None) -> None:
+        self.run_dir = run_dir
         self.dir = os.path.join(run_dir, "checkpoint")
         self.state = state
         self.keep = keep
+        self._pending: tuple | None = None
+        """The save not yet published: (async future or None, step folder name, meta)."""
 
     def exists(self) -> bool:
-        return os.path.exists(os.path.join(self.dir, "latest.json"))
+        return latest_checkpoint(self.run_dir) is not None
 
-    def latest(self) -> dict:
-        with open(os.path.join(self.dir, "latest.json")) as f:
-            return json.load(f)
+    def latest_folder(self) -> str:
+        return os.path.join(self.dir, latest_checkpoint(self.run_dir)["folder"])
 
     def save(
         self,
@@ -146,7 +157,7 @@ class Checkpointer:
     def finish(self) -> str | None:
         """Wait for the save in flight (if any) and publish it: every rank's files are complete
         (barrier) before rank 0 renames the folder and replaces latest.json. A collective."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is None:
             return None
         future, name, meta = pending
@@ -180,13 +191,13 @@ class Checkpointer:
                     shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
 
     @torch.no_grad()
-    def load_state(self, params: list, opt: torch.optim.Optimizer) -> None:
+    def load_state(self, params: list, opt: torch.optim.Optimizer, folder: str | None = None) -> None:
         """Weights and optimizer state of ``params`` (any subset of the model, sharded or whole,
-        e.g. the parity check's single-device copy) from the latest checkpoint."""
+        e.g. the parity check's single-device copy) from ``folder`` (default: the latest checkpoint)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        folder = os.path.join(self.dir, self.latest()["folder"])
+        folder = folder or self.latest_folder()
         holder = param_holder(params)
         state = _state_dicts(holder, opt)
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
@@ -202,12 +213,12 @@ class Checkpointer:
     def load(self, params: list, opt: torch.optim.Optimizer) -> tuple[dict, list[float], dict]:
         """Restore this rank's parameters and optimizer state from the latest checkpoint, whatever
         layout wrote it, and its random state. Returns (data position, losses so far, the saved meta)."""
-        folder = os.path.join(self.dir, self.latest()["folder"])
+        folder = self.latest_folder()
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
-        self.load_state(params, opt)
+        self.load_state(params, opt, folder)
         # same layout: each rank its own random state (bit-for-bit resume); another layout: rank 0's
-        same = meta["layout"]["processes"] == self.state.world_size and meta["layout"] == self.state.layout.to_dict()
+        same = meta["layout"] == self.state.layout.to_dict()
         path = os.path.join(folder, f"rng-rank{self.state.rank if same else 0}.pt")
         if os.path.exists(path):
             rng = torch.load(path, weights_only=False)
@@ -224,8 +235,7 @@ def export_weights(run_dir: str, target: str) -> int:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    ckpt = Checkpointer(run_dir, None)  # type: ignore[arg-type]
-    folder = os.path.join(ckpt.dir, ckpt.latest()["folder"])
+    folder = os.path.join(run_dir, "checkpoint", latest_checkpoint(run_dir)["folder"])
     with tempfile.TemporaryDirectory() as tmp:
         whole = os.path.join(tmp, "whole.pt")
         dcp_to_torch_save(folder, whole)

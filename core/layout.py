@@ -188,19 +188,12 @@ class Layout:
     def _axes(self) -> str:
         return f"dp {self.dp} x pp {self.pp} x tp {self.tp}"
 
-    def check_batch(self, global_batch: int, microbatches: int | None = None) -> None:
-        """The global batch must cut into equal replica shards (and those into micro-batches)."""
+    def check_batch(self, global_batch: int) -> None:
+        """The global batch must cut into equal replica shards (pp.validate checks the micro-batches)."""
         if global_batch % self.dp:
             raise ConfigError(
                 f"--batch-size {global_batch} does not split into {self.dp} equal data-parallel shards: "
                 f"use a multiple of --dp {self.dp}"
-            )
-        b = self.local_batch(global_batch)
-        if microbatches and b % microbatches:
-            raise ConfigError(
-                f"--batch-size {global_batch} gives each of {self.dp} replicas {b} samples, which do not split "
-                f"into {microbatches} equal micro-batches: use a multiple of dp x micro-batches = "
-                f"{self.dp * microbatches}"
             )
 
 

@@ -180,18 +180,18 @@ def run(
                     f"{step * bs * cfg.grad_accum / clock.elapsed():.1f} samples/s",
                 )
             faults.maybe_fail(state.rank, step)  # tests only (core/faults.py)
-            position = {"step": step, "epoch": epoch, "batch": index + 1}
+            # every N steps, and the last step so a finished run can be continued; and on SIGUSR2
             periodic = ckpt and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step >= n_steps)
-            if periodic:  # every N steps, and the last step so a finished run can be continued
+            stopping = step < n_steps and stop is not None and step % stop_every == 0 and stop.agreed(state) and ckpt
+            if periodic or stopping:
+                position = {"step": step, "epoch": epoch, "batch": index + 1}
                 done = prior_losses + [float(v) for v in losses]
-                ckpt.save(built.params, opt, position, done, cfg.to_dict(), background=background_saves)
+                # a stop must be on disk before the job ends: no background write then
+                ckpt.save(built.params, opt, position, done, cfg.to_dict(), background_saves and not stopping)
                 log(state, f"checkpoint at step {step} saved in {ckpt.dir}")
             if step >= n_steps:
                 break
-            if stop is not None and step % stop_every == 0 and stop.agreed(state) and ckpt:
-                if not periodic:
-                    ckpt.save(built.params, opt, position, prior_losses + [float(v) for v in losses], cfg.to_dict())
-                ckpt.finish()  # published before the job stops
+            if stopping:
                 log(state, f"stop requested: checkpoint at step {step} saved in {ckpt.dir}")
                 raise Preempted(f"checkpoint at step {step} in {ckpt.dir}")
         epoch, skip = epoch + 1, 0

@@ -22,11 +22,13 @@ def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
     """The saved configuration with the options the user gave on top (see the module docstring)."""
     import dataclasses
 
+    from core.checkpoint import latest_checkpoint
+
     path = os.path.join(run_dir, "config.json")
-    latest = os.path.join(run_dir, "checkpoint", "latest.json")
+    latest = latest_checkpoint(run_dir)
     if not os.path.exists(path):
         raise ConfigError(f"--resume {run_dir}: no config.json there; give a run folder made by jobs/submit.py")
-    if not os.path.exists(latest):
+    if latest is None:
         raise ConfigError(
             f"--resume {run_dir}: no checkpoint there (a run saves one with --checkpoint-every N, "
             "or when it is stopped by SIGUSR2)"
@@ -50,8 +52,7 @@ def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
         resumed = dataclasses.replace(resumed, epochs=None)
     result = os.path.join(run_dir, "result.json")
     if os.path.exists(result):
-        with open(latest) as f:
-            done = json.load(f)["position"]["step"]
+        done = latest["position"]["step"]
         asked = resumed.steps
         if asked is None or asked <= done:
             raise ConfigError(
@@ -62,9 +63,9 @@ def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
 
 def export(run_dir: str, target: str, force: bool = False) -> int:
     """``--export RUN_DIR FILE``: the latest checkpoint's weights as one plain state dict."""
-    from core.checkpoint import export_weights
+    from core.checkpoint import export_weights, latest_checkpoint
 
-    if not os.path.exists(os.path.join(run_dir, "checkpoint", "latest.json")):
+    if latest_checkpoint(run_dir) is None:
         raise ConfigError(f"--export {run_dir}: no checkpoint there (runs save one with --checkpoint-every N)")
     if os.path.exists(target) and not force:
         raise ConfigError(f"--export: {target} exists; add --force to replace it (nothing was written)")

@@ -73,11 +73,12 @@ def requeue_after_failure(plan: LaunchPlan, rank: int, error: Exception) -> bool
     import shutil
 
     from core import faults
+    from core.checkpoint import latest_checkpoint
 
     done = faults.attempt()
     if done >= plan.cfg.max_retries:
         return False
-    if not os.path.exists(os.path.join(plan.run_dir, "checkpoint", "latest.json")):
+    if latest_checkpoint(plan.run_dir) is None:
         return False  # nothing to resume from: retrying would repeat the same work
     if shutil.which("scontrol") is None:  # e.g. a container image without Slurm's commands
         print(

@@ -41,10 +41,10 @@ def _no_view_output(module, args, output):
     return output
 
 
-def _count_sends(sub, names: list[str], idx: int, n_stages: int, sent: dict, calls_seen) -> None:
-    """Count, during the first step, what this stage hands to its neighbours: its output forward
-    (unless it is the last stage) and the gradient of its input backward (unless it is the first),
-    which has the input's size."""
+def _count_sends(sub, names: list[str], idx: int, n_stages: int, sent: dict) -> list:
+    """Count what this stage hands to its neighbours: its output forward (unless it is the last
+    stage) and the gradient of its input backward (unless it is the first), which has the input's
+    size. Returns the hook handles: the caller removes them after the first step."""
 
     def nbytes(t) -> int:
         # shape inference runs the stage once on meta tensors: those move nothing
@@ -52,15 +52,17 @@ def _count_sends(sub, names: list[str], idx: int, n_stages: int, sent: dict, cal
         return t.numel() * t.element_size() if real else 0
 
     def on_input(module, args):
-        if calls_seen() == 0 and idx > 0:
+        if idx > 0:
             sent["backward"] += sum(nbytes(a) for a in args)
 
     def on_output(module, args, output):
-        if calls_seen() == 0 and idx < n_stages - 1:
+        if idx < n_stages - 1:
             sent["forward"] += nbytes(output)
 
-    sub.blocks[names[0]].register_forward_pre_hook(on_input)
-    sub.blocks[names[-1]].register_forward_hook(on_output)
+    return [
+        sub.blocks[names[0]].register_forward_pre_hook(on_input),
+        sub.blocks[names[-1]].register_forward_hook(on_output),
+    ]
 
 
 def default_microbatches(batch: int, schedule: str, p: int) -> int:
@@ -121,6 +123,7 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
     calls = {"n": 0}
     modules, stages = [], []
     sent = {"forward": 0, "backward": 0}  # payload bytes this rank sends to its pipeline peers
+    send_hooks: list = []
     for idx in local:
         sub = model.keep_only(names[idx])
         if layout.tp > 1:
@@ -129,7 +132,7 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
             apply_tp(sub, state.submesh("tp"), cfg)
         sub.to(device)
         sub.blocks[names[idx][-1]].register_forward_hook(_no_view_output)
-        _count_sends(sub, names[idx], idx, n_stages, sent, calls_seen=lambda: calls["n"])
+        send_hooks += _count_sends(sub, names[idx], idx, n_stages, sent)
         # FSDP2 shards the stage in place; a DDP wrapper is what the stage runs (torch syncs either
         # once per step, after the last micro-batch's backward)
         stage = PipelineStage(replicate_over_dp(sub, state), idx, n_stages, device, group=pp_group)
@@ -156,6 +159,9 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
             schedule.step(*args, **kwargs)
         recorder.end_step()
         calls["n"] += 1
+        if calls["n"] == 1:  # one step's sends counted: stop paying for the hooks
+            for h in send_hooks:
+                h.remove()
         loss = torch.stack([t.detach().float() for t in losses]).sum() if has_last else torch.zeros((), device=device)
         if pp_group is not None and p > 1:
             # every rank reports the real loss: only the last stage has it, the others add zero
