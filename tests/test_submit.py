@@ -80,6 +80,10 @@ BAD = {
         ["--strategy", "mp", "--gpus", "4", "--dp", "2", "--dp-mode", "fsdp"],
         "use --dp-mode ddp",
     ),
+    # checkpoints
+    "keep checkpoints zero": (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    "max retries negative": (["--max-retries", "-1"], "--max-retries must be 0 or more"),
+    "init from a missing file": (["--init-from", "/nonexistent/w.pt"], "is not a file"),
     "unknown dp mode": (["--strategy", "dp", "--gpus", "2", "--dp-mode", "zero3"], "unknown --dp-mode"),
 }
 
