@@ -16,7 +16,8 @@ from torch import nn
 from core.config import RunConfig
 from core.data_parallel import replicate_over_dp
 from core.distributed import DistState
-from core.models import BlockModel, stage_blocks
+from core.models import BlockModel
+from core.partition import stage_blocks
 from core.strategy import Built, autocast
 from core.timeline import RecordedTimeline, TimelineRecorder
 

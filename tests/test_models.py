@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from core.models import balanced_split, build_model, count_blocks, stage_blocks
+from core.models import build_model, count_blocks
+from core.partition import balanced_split, stage_blocks
 
 
 @pytest.mark.parametrize("name,flavor", [("mnist-cnn", "tiny"), ("gpt", "tiny"), ("delay", "tiny")])

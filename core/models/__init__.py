@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from core.models.base import BlockModel, balanced_split, stage_blocks
+from core.models.base import BlockModel
 from core.models.delay import DELAY_FLAVORS, DelayModel
 from core.models.gpt import GPT, GPT_FLAVORS
 from core.models.mnist_cnn import MnistCNN
 
-__all__ = ["BlockModel", "balanced_split", "stage_blocks", "build_model", "count_blocks", "FLAVORS"]
+__all__ = ["BlockModel", "build_model", "count_blocks", "FLAVORS"]
 
 FLAVORS = {"mnist-cnn": {"tiny": None}, "gpt": GPT_FLAVORS, "delay": DELAY_FLAVORS}
 
