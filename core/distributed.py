@@ -10,6 +10,7 @@ rank fails the job instead of hanging it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -111,6 +112,103 @@ def init_distributed(layout: Layout, device_kind: str = "auto", timeout_s: float
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs)
     return DistState(layout, rank, local_rank, device, backend, layout.build_mesh(device.type))
+
+
+def rendezvous_address(host: str) -> str:
+    """The IPv4 address of ``host`` (the job's first node) that every node can reach.
+
+    Never loopback: Debian-style hosts files map a machine's own name to 127.0.1.1, so on the
+    first node its own name would resolve to an address no other node can reach (the
+    'head node is localhost' launcher bug). Then Slurm's NodeAddr for it is used, which is how
+    the controller itself reaches the node."""
+    import ipaddress
+    import socket
+    import subprocess
+
+    try:
+        found = sorted({a[4][0] for a in socket.getaddrinfo(host, None, socket.AF_INET)})
+    except socket.gaierror:
+        found = []
+    usable = [a for a in found if not ipaddress.ip_address(a).is_loopback]
+    if usable:
+        return usable[0]
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    m = re.search(r"NodeAddr=(\S+)", out)
+    if m and m.group(1) != host:
+        return rendezvous_address(m.group(1))
+    raise RuntimeError(
+        f"the first node {host} resolves only to {', '.join(found) or 'nothing'} on this node, which other nodes "
+        f"cannot reach: give it its real address in /etc/hosts (or DNS), or set NodeAddr in slurm.conf"
+    )
+
+
+def route_interface(addr: str) -> str | None:
+    """The network interface this node uses to reach ``addr``: ``ip route get``'s device, or, for
+    an address of this very node (the route says ``lo``), the interface that holds the address."""
+    import socket
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-o", "route", "get", addr], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r"\bdev (\S+)", out)
+        dev = m.group(1) if m else None
+        src = re.search(r"\bsrc (\S+)", out)
+    except (OSError, subprocess.TimeoutExpired):  # no iproute2 (a slim container): ask the kernel directly
+        dev, src = None, None
+    if dev and dev != "lo":
+        return dev
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # connect() on UDP sends nothing: a route lookup
+        try:
+            s.connect((addr, 9))
+            local = s.getsockname()[0]
+        except OSError:
+            local = src.group(1) if src else addr
+    return _interface_holding(local) or dev
+
+
+def _interface_holding(ip: str) -> str | None:
+    import fcntl
+    import socket
+    import struct
+
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+        if socket.inet_ntoa(packed[20:24]) == ip and name != "lo":
+            return name
+    return None
+
+
+def pin_network(verbose: bool = False) -> str | None:
+    """Multi-node jobs: MASTER_ADDR becomes the first node's reachable address, and gloo/NCCL use
+    the interface on the route to it (unless the user set GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME).
+    Without this gloo binds to whatever this node's hostname resolves to, which may be loopback
+    or a management network. One node: nothing changes (loopback is right there). Returns a line
+    saying what was chosen, or None."""
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    if nodes <= 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    host = os.environ["MASTER_ADDR"]
+    addr = rendezvous_address(host)
+    os.environ["MASTER_ADDR"] = addr
+    iface = route_interface(addr)
+    chosen = []
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if var in os.environ:
+            chosen.append(f"{var}={os.environ[var]} (set by you)")
+        elif iface:
+            os.environ[var] = iface
+            chosen.append(f"{var}={iface}")
+    line = f"rendezvous on {host} = {addr}:{os.environ.get('MASTER_PORT')}; " + ", ".join(chosen)
+    if verbose:
+        print(line, flush=True)
+    return line
 
 
 def shutdown() -> None:

@@ -44,6 +44,8 @@ class TrainTask:
             if self.master_port is not None:
                 os.environ["MASTER_PORT"] = str(self.master_port)
             env = submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+            # several nodes: the first node's reachable address and the interface towards it
+            distributed.pin_network(verbose=env.rank == 0)
             if plan.requests_gpus:
                 restrict_visible_gpus(env.local_rank, layout.devices_per_process)
         state = distributed.init_distributed(layout, plan.device, timeout_s=plan.cfg.dist_timeout_s)
