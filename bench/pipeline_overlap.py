@@ -39,7 +39,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for schedule in a.schedules.split(","):
             for p in (int(r) for r in a.ranks.split(",")):
-                f_ms = flavor.forward_ms * flavor.blocks / p  # one stage's forward of one micro-batch
+                # one stage's forward of one micro-batch of 4 samples (batch 4m): the delay costs per sample
+                f_ms = sum(flavor.forward_ms(i, 4) for i in range(flavor.blocks)) / p
                 for m in (p, 2 * p, 4 * p):
                     cfg = RunConfig(
                         strategy="pp",
@@ -79,7 +80,7 @@ def main() -> int:
     import torch
 
     head = (
-        f"delay model '{a.flavor}' ({flavor.blocks} blocks x {flavor.forward_ms} ms forward, backward 2x), "
+        f"delay model '{a.flavor}' ({flavor.blocks} blocks x {flavor.ms_per_sample} ms per sample forward, 2x back), "
         f"device {a.device}, torch {torch.__version__}, {datetime.date.today()}"
     )
     text = head + "\n" + table(rows, cols)

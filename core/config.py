@@ -20,6 +20,7 @@ CLUSTERS = ("auto", "slurm", "local")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("fp32", "bf16")
 DP_MODES = ("fsdp", "ddp")
+BALANCES = ("params", "time")
 # Defaults that depend on the model: declared here once, used by the resolved_* properties and help.
 MODEL_DEFAULTS = {
     "mnist-cnn": {"batch_size": 128, "lr": 1e-3, "dataset": "mnist"},
@@ -80,7 +81,9 @@ class RunConfig:
         "mnist-cnn (the notebook's network), gpt (decoder-only transformer) or delay (timing model)",
         choices=MODELS,
     )
-    flavor: str = option("tiny", "model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small (mnist-cnn has one)")
+    flavor: str = option(
+        "tiny", "model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small/uneven (mnist-cnn has one)"
+    )
     dataset: str | None = option(None, f"training data (default by model: {_by_model('dataset')})", choices=DATASETS)
     data_dir: str = option("./data", "MNIST folder: downloaded there on the submitting host, read from there")
     epochs: int | None = option(None, "passes over the training set (default 1; exclusive with --steps)")
@@ -91,7 +94,13 @@ class RunConfig:
     train_samples: int | None = option(None, "train on the first N samples only")
     eval_samples: int | None = option(None, "evaluate on the first N held-out samples only")
     split: list[int] | None = option(
-        None, "mp/pp: blocks per stage, e.g. 2,1,3 (default: balance parameters)", parse=parse_split
+        None, "mp/pp: blocks per stage, e.g. 2,1,3 (default: chosen by --balance)", parse=parse_split
+    )
+    balance: str | None = option(
+        None,
+        "mp/pp: cut the blocks by params (equal parameter counts) or time (each block's forward and "
+        "backward measured on the target device; default, unless --split gives the cut)",
+        choices=BALANCES,
     )
     microbatches: int | None = option(None, "pp: micro-batches per replica's batch (default: 2 x stages)")
     schedule: str = option(
@@ -265,6 +274,9 @@ def validate(cfg: RunConfig):
             f"--gpus {cfg.gpus} gives {layout.stages} stages per replica{_per_rank(cfg, layout)}, but "
             f"{cfg.model} has only {n_blocks} blocks: use at most {n_blocks} stages",
         )
+    if cfg.balance is not None:
+        need(cfg.strategy in ("mp", "pp"), "--balance applies to --strategy mp or pp")
+        need(cfg.split is None, "--split and --balance both choose the cut: give one of them")
     if cfg.split is not None:
         need(cfg.strategy in ("mp", "pp"), "--split applies to --strategy mp or pp")
         need(all(s >= 1 for s in cfg.split), f"--split {_fmt(cfg.split)} holds a zero: every stage needs a block")

@@ -126,6 +126,17 @@ def measured_bubble(actions: list[Action]) -> tuple[float | None, float | None]:
     return sum(fractions) / len(fractions), sum(spans) / len(spans)
 
 
+def stage_busy(actions: list[Action]) -> list[float] | None:
+    """Seconds each stage computed per step (its forwards and backwards), averaged over the
+    recorded steps after warm-up, in stage order: what a balanced cut makes equal."""
+    steps = sorted({a.step for a in actions})
+    steps = steps[1:] if len(steps) > 1 else steps  # step 0: shape inference, first allocations
+    if not steps:
+        return None
+    stages = sorted({a.stage for a in actions})
+    return [sum(a.end - a.start for a in actions if a.stage == s and a.step in steps) / len(steps) for s in stages]
+
+
 def chrome_trace(actions: list[Action], title: str) -> dict:
     """Chrome trace format (opens in Perfetto / chrome://tracing): one thread per rank."""
     t0 = min((a.start for a in actions), default=0.0)
@@ -171,7 +182,12 @@ class RecordedTimeline:
 
     def figures(self) -> dict:
         bubble, step_time = measured_bubble(self.actions())
-        return {"bubble_fraction": bubble, "bubble_fraction_theory": self.theory, "timeline_step_time_s": step_time}
+        return {
+            "bubble_fraction": bubble,
+            "bubble_fraction_theory": self.theory,
+            "timeline_step_time_s": step_time,
+            "stage_busy_time_s": stage_busy(self.actions()),
+        }
 
     def save(self, folder: str, write: bool) -> None:
         actions = self.actions()

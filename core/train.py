@@ -8,6 +8,7 @@ sync per step on GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from core import faults, metrics
+from core.balance import plan_for_run
 from core.checkpoint import Checkpointer, StopRequest
 from core.config import RunConfig
 from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
@@ -105,10 +107,15 @@ def run(
 
     make_opt = lambda params: make_optimizer(cfg, params)
     checker = ParityChecker(model, cfg, state, make_opt) if cfg.check else None  # copies weights first
+    # the cut (mp, pp): measured before compiling, so compilation is not what is timed
+    plan = plan_for_run(model, cfg, state, data.train.x, data.train.y)
+    if plan is not None:
+        log(state, plan.describe())
     if cfg.compile:
         for block in model.blocks.values():
             block.compile()  # in place: parameter names and the block seams stay as they are
-    built = build(model, cfg, state)
+    # the styles cut where the plan says (cfg.split); the stored configuration keeps what was asked
+    built = build(model, cfg if plan is None else dataclasses.replace(cfg, split=plan.split), state)
     opt = make_opt([p for _, p in built.params])
     train = data.train.head(cfg.train_samples).to(built.input_device)
     n_steps = total_steps(cfg, train)
@@ -231,6 +238,8 @@ def run(
         "attempts": faults.attempt() + 1,  # > 1: requeued after a preemption or a failure (Slurm)
     }
     result.update(built.result_extras())
+    if plan is not None:  # predicted per-stage busy time and bubble beside the measured ones
+        result["balance"] = plan.report(result)
     result["communication_per_axis"] = communication_per_axis(result, built, state)
     if checker:
         result["check"] = checker.summary.to_dict()

@@ -1,9 +1,14 @@
-"""The 'delay' model: blocks that pass tensors through, waiting f in forward and 2f in backward.
+"""The 'delay' model: blocks that pass tensors through and wait as long as compute would take.
 
-Real compute would hide a schedule's shape behind noise; fixed waits make the bubble of every
-pipeline schedule visible and measurable on any machine. Forward waits f, backward 2f (the usual
-assumption that backward costs twice forward). On CPU the wait is a sleep; on GPU a device-side
-spin (torch.cuda._sleep), so the host runs ahead as with real kernels.
+Real compute would hide a schedule's shape behind noise; waits make the bubble of every pipeline
+schedule visible and measurable on any machine. A block's forward waits ``ms_per_sample`` times
+its relative cost for every sample it processes (x.shape[0]), because real compute grows with the
+micro-batch: mp on a batch of 16 waits as long as a pipeline's 8 micro-batches of 2 together, so
+pipelining wins by overlap, as it does on real hardware. ``call_overhead_ms`` is a fixed cost per
+call (a kernel launch, a dispatch), named apart so it is never mistaken for compute. Backward
+waits twice the per-sample part (the usual assumption that backward costs twice forward) plus
+the same overhead. On CPU the wait is a sleep; on GPU a device-side spin (torch.cuda._sleep), so
+the host runs ahead as with real kernels.
 """
 
 from __future__ import annotations
@@ -21,13 +26,29 @@ from core.models.base import BlockModel
 @dataclass(frozen=True)
 class DelayFlavor:
     blocks: int
-    forward_ms: float
+    ms_per_sample: float
+    """Forward wait of a cost-1 block per sample it processes (backward: twice that)."""
+    call_overhead_ms: float = 0.0
+    """Fixed wait per forward and per backward call, whatever the batch (launch, dispatch)."""
+    costs: tuple[float, ...] | None = None
+    """Relative cost of each block (None: all 1); the per-sample wait is multiplied by it."""
     width: int = 16
+
+    def cost(self, block: int) -> float:
+        return 1.0 if self.costs is None else self.costs[block]
+
+    def forward_ms(self, block: int, samples: int) -> float:
+        """What block ``block``'s forward waits on ``samples`` samples."""
+        return self.ms_per_sample * self.cost(block) * samples + self.call_overhead_ms
 
 
 DELAY_FLAVORS = {
-    "tiny": DelayFlavor(blocks=8, forward_ms=2.0),
-    "small": DelayFlavor(blocks=8, forward_ms=10.0),
+    "tiny": DelayFlavor(blocks=8, ms_per_sample=1.0),
+    "small": DelayFlavor(blocks=8, ms_per_sample=5.0),
+    # a light first block and a heavy last one, like gpt's embedding lookup and its 50k-wide head
+    # with the loss: parameters are equal, so balancing by parameters puts 2 blocks on each of 4
+    # stages (slowest stage 3.5) while balancing by time finds 3,2,2,1 (slowest 2.5)
+    "uneven": DelayFlavor(blocks=8, ms_per_sample=1.0, costs=(0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.5)),
 }
 
 _cycles_per_ms: float | None = None
@@ -59,33 +80,33 @@ def wait(ms: float, device: torch.device) -> None:
 
 class _Wait(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, ms: float) -> torch.Tensor:
-        ctx.ms = ms
-        wait(ms, x.device)
+    def forward(ctx, x: torch.Tensor, per_sample_ms: float, overhead_ms: float) -> torch.Tensor:
+        ctx.per_sample_ms, ctx.overhead_ms = per_sample_ms, overhead_ms
+        wait(per_sample_ms * x.shape[0] + overhead_ms, x.device)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        wait(2 * ctx.ms, grad.device)
-        return grad, None
+        wait(2 * ctx.per_sample_ms * grad.shape[0] + ctx.overhead_ms, grad.device)
+        return grad, None, None
 
 
 class DelayBlock(nn.Module):
-    def __init__(self, width: int, forward_ms: float) -> None:
+    def __init__(self, width: int, per_sample_ms: float, overhead_ms: float = 0.0) -> None:
         super().__init__()
-        self.forward_ms = forward_ms
+        self.per_sample_ms, self.overhead_ms = per_sample_ms, overhead_ms
         self.scale = nn.Parameter(torch.ones(width))  # a weight, so there are gradients to check
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Wait.apply(x * self.scale, self.forward_ms)
+        return _Wait.apply(x * self.scale, self.per_sample_ms, self.overhead_ms)
 
 
 class DelayModel(BlockModel):
     def __init__(self, flavor: str = "tiny") -> None:
         super().__init__()
-        self.flavor = DELAY_FLAVORS[flavor]
-        for i in range(self.flavor.blocks):
-            self.blocks[f"d{i}"] = DelayBlock(self.flavor.width, self.flavor.forward_ms)
+        self.flavor = f = DELAY_FLAVORS[flavor]
+        for i in range(f.blocks):
+            self.blocks[f"d{i}"] = DelayBlock(f.width, f.ms_per_sample * f.cost(i), f.call_overhead_ms)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(output, target)
