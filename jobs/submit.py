@@ -228,10 +228,13 @@ def run_one(
     except KeyboardInterrupt:
         job.cancel()
         return fail("interrupted: job cancelled", 130), folder
-    except JobVanished as e:
-        return fail(f"job {job.job_id} failed: {e} (logs in {log_dir})", 1), folder
-    except Exception:
-        return fail(f"job {job.job_id} failed: {first_failure(job)} (logs in {log_dir})", 1), folder
+    except Exception as e:  # a lost node is named first (jobs.nodes), with its ranks and whether a retry fits
+        from jobs.nodes import explain_failure
+
+        why = explain_failure(
+            job, str(e) if isinstance(e, JobVanished) else first_failure(job), layout.nodes, cfg.max_retries
+        )
+        return fail(f"job {job.job_id} failed: {why} (logs in {log_dir})", 1), folder
     if not quiet:
         print(format_summary(read_result(folder), folder), flush=True)
     return 0, folder
@@ -276,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         return compare(cfg, run_one)
     if actions.pytest:
         return run_pytest_job(cfg, actions.pytest, actions.dry_run)
+    if actions.validate:
+        from jobs.validate import run_validate
+
+        return run_validate(cfg, actions.thresholds, actions.dry_run)
     if actions.export:
         from jobs.resume import export
 
