@@ -40,6 +40,18 @@ class SubmitActions:
         "submit 'pytest -m MARKER' as the job (e.g. gpu) to check a node; other training flags ignored",
         metavar="MARKER",
     )
+    validate: bool = option(
+        False,
+        "node-validation job over --nodes (--gpus in all): devices, matmul rate, all-reduce and node-pair "
+        "bandwidth/latency; table, validate.json, validate.png; exit 1 naming a bad node or link (jobs/validate.py)",
+    )
+    thresholds: list[str] = option(
+        help="--validate: override a pass threshold, repeatable: matmul_gflops, allreduce_gbps, p2p_gbps or "
+        "p2p_latency_ms=VALUE (defaults per device kind in jobs/validate.py)",
+        flag="--threshold",
+        metavar="KEY=VALUE",
+        factory=list,
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
