@@ -22,7 +22,9 @@ from torch import nn
 from core.models.base import BlockModel
 from core.strategy import autocast
 
-WARMUP, REPEATS = 1, 3  # the first call pays for allocations and lazy init; median of 3 after
+# the first call pays for allocations and lazy init (cuBLAS handles); then the median of up to 3
+# calls, fewer when a block is slow (a delay block on a whole batch): 0.2 s of measuring is enough
+WARMUP, REPEATS, BUDGET_S = 1, 3, 0.2
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,10 @@ def _time_block(block: nn.Module, x: torch.Tensor, device: torch.device, loss_of
     """(forward s, backward s, activation bytes, output) of one micro-batch through ``block``."""
     fwd, bwd, saved, out = [], [], 0, x
     params = {p.data_ptr() for p in block.parameters()}
+    spent = 0.0
     for i in range(WARMUP + REPEATS):
+        if i > WARMUP and spent >= BUDGET_S:
+            break
         inp = x.detach().requires_grad_(x.is_floating_point())
         counter = _SavedBytes(params)
         t0 = _sync(device)
@@ -75,6 +80,7 @@ def _time_block(block: nn.Module, x: torch.Tensor, device: torch.device, loss_of
             head.backward(None if loss_of else torch.ones_like(head))
         t2 = _sync(device)
         if i >= WARMUP:
+            spent += t2 - t0
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             saved = counter.bytes
