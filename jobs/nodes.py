@@ -10,7 +10,7 @@ distribution of the job's node list (tasks are numbered node by node). Node heal
 ``scontrol`` (works without an accounting daemon; sacct does not).
 
     from jobs.nodes import explain_failure
-    line = explain_failure(job, "what the ranks said", nodes_needed=2, max_retries=2)
+    line = explain_failure(job, "what the ranks said", cfg)
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def is_bad(state: str) -> bool:
     return state.endswith("*") or any(w in BAD for w in words)
 
 
+WAIT_FOR_SLURM_S = 20.0
+"""How long a peer-lost failure waits for Slurm to mark the node (inside the issue's bound of
+collective timeout + 30 s)."""
 STARTED = re.compile(r"JobEnvironment\(.*?hostname=([^,\s]+).*?global_rank=(\d+)")
 
 
@@ -80,17 +83,19 @@ def _ranks(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
-def retry_outlook(partition: str, lost: list[str], nodes_needed: int, max_retries: int) -> str:
+def retry_outlook(partition: str, lost: list[str], nodes_needed: int, max_retries: int, checkpointed: bool) -> str:
     """Whether the job's layout fits on the partition's nodes that are still up."""
     if max_retries <= 0:
         return "no retry (--max-retries 0)"
+    if not checkpointed:
+        return "no retry: without --checkpoint-every there is no checkpoint to resume from"
     up = []
     for line in _run("sinfo", "-h", "-N", "-p", partition, "-o", "%N %T").splitlines():
         name, state = (line.split() + [""])[:2]
         if name not in lost and not is_bad(state) and name not in up:
             up.append(name)
     if len(up) >= nodes_needed:
-        return f"a retry (--max-retries {max_retries}) fits on the nodes still up: {', '.join(up)}"
+        return f"a retry (--max-retries {max_retries}) can come back on the nodes still up: {', '.join(up)}"
     have = f"{len(up)} ({', '.join(up)})" if up else "none"
     return (
         f"a retry cannot come back: the layout needs {nodes_needed} node(s), partition {partition} has {have} up; "
@@ -107,13 +112,25 @@ def lost_nodes(job) -> tuple[list[str], dict[str, tuple[str, str]], dict[int, st
     return lost, health, task_nodes(job, nodelist), fields
 
 
-def explain_failure(job, message: str, nodes_needed: int = 1, max_retries: int = 0) -> str:
+def explain_failure(job, message: str, cfg=None) -> str:
     """``message`` prefixed by the lost node(s) and their ranks when the job lost a node; else
-    ``message`` unchanged. Never raises: a failure explanation must not hide the failure."""
-    try:
-        lost, health, where, fields = lost_nodes(job)
-    except Exception:  # noqa: BLE001 - best effort on top of a message that is already right
-        return message
+    ``message`` unchanged. ``cfg`` (the RunConfig) says how many nodes a retry needs and whether
+    one may happen. Never raises: a failure explanation must not hide the failure."""
+    nodes_needed = getattr(cfg, "nodes", 1)
+    import time
+
+    # ranks that lost a peer (timeout, reset connection) may end the job before Slurm has noticed
+    # the node: its detection takes ~15 s (SlurmdTimeout; a floor in 22.05), so ask again for a while
+    peer_trouble = nodes_needed > 1 and re.search(r"time(d)? ?out|connection|node_fail|node failure", message, re.I)
+    deadline = time.time() + (WAIT_FOR_SLURM_S if peer_trouble else 0)
+    while True:
+        try:
+            lost, health, where, fields = lost_nodes(job)
+        except Exception:  # noqa: BLE001 - best effort on top of a message that is already right
+            return message
+        if lost or time.time() >= deadline:
+            break
+        time.sleep(2)
     if not lost:
         return message
     parts = []
@@ -122,5 +139,11 @@ def explain_failure(job, message: str, nodes_needed: int = 1, max_retries: int =
         ranks = sorted(r for r, node in where.items() if node == n)
         why = f"{state}{': ' + reason if reason else ''}"
         parts.append(f"node {n} lost ({why}) with {_ranks(ranks) if ranks else 'no rank'}")
-    outlook = retry_outlook(fields.get("Partition", ""), lost, nodes_needed, max_retries)
+    outlook = retry_outlook(
+        fields.get("Partition", ""),
+        lost,
+        nodes_needed,
+        getattr(cfg, "max_retries", 0),
+        bool(getattr(cfg, "checkpoint_every", None)),
+    )
     return f"{'; '.join(parts)}; {outlook}. What the ranks said: {message}"

@@ -231,9 +231,7 @@ def run_one(
     except Exception as e:  # a lost node is named first (jobs.nodes), with its ranks and whether a retry fits
         from jobs.nodes import explain_failure
 
-        why = explain_failure(
-            job, str(e) if isinstance(e, JobVanished) else first_failure(job), layout.nodes, cfg.max_retries
-        )
+        why = explain_failure(job, str(e) if isinstance(e, JobVanished) else first_failure(job), cfg)
         return fail(f"job {job.job_id} failed: {why} (logs in {log_dir})", 1), folder
     if not quiet:
         print(format_summary(read_result(folder), folder), flush=True)

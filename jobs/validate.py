@@ -353,7 +353,7 @@ def run_validate(cfg, threshold_items: list[str], dry_run: bool = False) -> int:
     except Exception:
         from jobs.nodes import explain_failure
 
-        why = explain_failure(job, first_failure(job), lay.nodes, 0)
+        why = explain_failure(job, first_failure(job), dataclasses.replace(cfg, max_retries=0))
         return fail(f"validation job {job.job_id} failed: {why} (logs in {plan.run_dir}/submitit)", 1)
     thresholds = {**DEFAULTS[report["device_kind"]], **overrides}
     bad = judge(report, thresholds)

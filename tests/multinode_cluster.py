@@ -365,10 +365,16 @@ def remove(entry_path: str) -> None:
             _kill_all(pids, timeout_s=2.0)
         _ip("netns", "del", ns, check=False)
     _ip("link", "del", e["bridge"], check=False)
-    deadline = time.time() + 10  # netns deletion is asynchronous: wait until its veth is gone
+    deadline = time.time() + 5  # netns deletion is asynchronous: wait until its veth is gone
     tag = e["bridge"][:-2]  # the veths are named <tag>v<i>
     while time.time() < deadline and tag in _ip("-o", "link", check=False).stdout:
         time.sleep(0.1)
+    # a dead namespace can linger in the kernel (seen here: its veth still up a minute later, no
+    # process left in it); deleting our end of the pair removes both ends
+    for line in _ip("-o", "link", check=False).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
+        if name.startswith(tag):
+            _ip("link", "del", name, check=False)
     shutil.rmtree(os.path.join(e["folder"], "state"), ignore_errors=True)
     shutil.rmtree(os.path.join(e["folder"], "spool"), ignore_errors=True)
     os.unlink(entry_path)
