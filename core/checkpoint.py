@@ -15,9 +15,9 @@ for gpt 1.3b on an H200, README) and the checkpoint is published when the write 
 killed half-way leaves only a ``.partial`` folder, which is ignored and removed by the next save:
 the last good checkpoint is never touched. ``--keep-checkpoints K`` keeps the newest K.
 
-A stop is requested by SIGUSR2 (Slurm sends it ``--signal`` seconds before the time limit, and
-``scancel --signal=USR2`` does it by hand). Ranks agree on it at step boundaries with one small
-all-reduce, so they all save at the same step.
+A stop is requested by a signal (core.stop: SIGUSR2 before the time limit, SIGTERM from scancel,
+SIGINT from Ctrl-C). Ranks agree on it at step boundaries with one small all-reduce, so they all
+save at the same step.
 """
 
 from __future__ import annotations
@@ -25,31 +25,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from core.distributed import DistState
-
-
-class StopRequest:
-    """Set by SIGUSR2; polled by the training loop at step boundaries."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        signal.signal(signal.SIGUSR2, lambda signum, frame: setattr(self, "requested", True))
-
-    def agreed(self, state: DistState) -> bool:
-        """True on every rank when any rank was signalled (a collective: call on all ranks)."""
-        if state.world_size == 1 or not dist.is_initialized():
-            return self.requested
-        t = torch.tensor([float(self.requested)], device=state.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
 
 
 def param_holder(params: list[tuple[str, nn.Parameter]]) -> nn.Module:

@@ -17,20 +17,24 @@ from torch import nn
 
 from core import faults, metrics
 from core.balance import plan_for_run
-from core.checkpoint import Checkpointer, StopRequest
+from core.checkpoint import Checkpointer
+from core.stop import StopRequest
 from core.config import RunConfig
 from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
 from core.data_parallel import dp_bytes_per_step, mean_over_dp
 from core.distributed import DistState, all_gather_floats
-from core.models import build_model
+from core.models import build_model, describe
 from core.reference import ParityChecker
 from core.strategy import Built
 
 BuildFn = Callable[[nn.Module, RunConfig, DistState], Built]
 
 
-def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD for mnist-cnn and delay (the notebook's), AdamW for gpt; fused kernels on CUDA.
+def make_optimizer(
+    cfg: RunConfig, params: list[nn.Parameter], model: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """The model's optimizer (``model.optimizer``: SGD unless it says otherwise, AdamW for gpt) at
+    --lr; fused kernels on CUDA where the model allows them (``"fused": True``).
 
     Under tensor parallel some parameters are DTensors and some (unsplit norms) plain tensors: the
     multi-tensor (foreach) kernels refuse such a mix on CUDA, so those runs step tensor by tensor.
@@ -43,9 +47,11 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
     )
     fused = bool(params) and all(p.device.type == "cuda" for p in params) and one_kind
     foreach = None if one_kind else False
-    if cfg.model == "gpt":
-        return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=0.0, fused=fused or None, foreach=foreach)
-    return torch.optim.SGD(params, lr=cfg.resolved_lr, foreach=foreach)
+    cls, kwargs = (model if model is not None else describe(cfg.model, cfg.flavor)).optimizer
+    kwargs = dict(kwargs)
+    if kwargs.pop("fused", False):
+        kwargs["fused"] = fused or None
+    return cls(params, lr=cfg.resolved_lr, foreach=foreach, **kwargs)
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -89,23 +95,26 @@ def run(
     out_dir: str | None = None,
     dataset: Dataset | None = None,
     stop: StopRequest | None = None,
+    style_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> dict:
     """Train, evaluate, write result.json (rank 0) into out_dir; return the result on every rank.
 
     With out_dir, a checkpoint found there is resumed exactly; with ``stop``, a SIGUSR2 makes the
-    loop save a checkpoint at the next agreed step boundary and raise Preempted."""
+    loop save a checkpoint at the next agreed step boundary and raise Preempted. ``style_optimizer``
+    replaces the style's optimizer only (never the --check reference's): tests give it a wrong one."""
     set_numerics(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.flavor, dropout=not cfg.check)
     if cfg.init_from:  # checked against the model on the submitting host (jobs.plan)
         model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True))
     bs = cfg.resolved_batch_size
-    data = dataset or load_dataset(cfg.model, cfg.flavor, cfg.resolved_dataset, cfg.data_dir, cfg.seed, bs)
+    data = dataset or load_dataset(model, cfg.resolved_dataset, cfg.data_dir, cfg.seed, bs)
     log(state, f"data: {data.description}")
     log(state, state.layout.describe())
     shard = state.layout.shard(state.rank, bs)  # this replica's rows of every global batch
 
-    make_opt = lambda params: make_optimizer(cfg, params)
+    make_opt = lambda params: make_optimizer(cfg, params, model)
+    classifier = model.classifier  # read before a style cuts the model
     checker = ParityChecker(model, cfg, state, make_opt) if cfg.check else None  # copies weights first
     # the cut (mp, pp): measured before compiling, so compilation is not what is timed
     plan = plan_for_run(model, cfg, state, data.train.x, data.train.y)
@@ -116,7 +125,7 @@ def run(
             block.compile()  # in place: parameter names and the block seams stay as they are
     # the styles cut where the plan says (cfg.split); the stored configuration keeps what was asked
     built = build(model, cfg if plan is None else dataclasses.replace(cfg, split=plan.split), state)
-    opt = make_opt([p for _, p in built.params])
+    opt = (style_optimizer or make_opt)([p for _, p in built.params])
     train = data.train.head(cfg.train_samples).to(built.input_device)
     n_steps = total_steps(cfg, train)
     if cfg.check:
@@ -159,7 +168,7 @@ def run(
             replica_batch = len(x_local)
             batch_losses.append(mean_over_dp(built.step(x_local, y_local), state))
             if checker:
-                checker.micro_step(x, y)
+                checker.micro_step(x, y, built.microbatches)
             micro += 1
             if micro < cfg.grad_accum:
                 continue
@@ -207,7 +216,7 @@ def run(
     train_time = clock.elapsed()
     loss_values = prior_losses + ([float(v) for v in torch.stack(losses).float().cpu()] if losses else [])
 
-    eval_acc, eval_n = evaluate(cfg, built, data.test, state)
+    eval_acc, eval_n = evaluate(cfg, built, data.test if classifier else None, state)
     peaks, peak_kind = metrics.peak_memory_bytes(built.devices)
     per_rank_peaks = all_gather_floats([float(max(peaks))], state) if state.world_size > 1 else [[p] for p in peaks]
     result = {
@@ -266,8 +275,8 @@ def communication_per_axis(result: dict, built: Built, state: DistState) -> dict
 
 @torch.no_grad()
 def evaluate(cfg: RunConfig, built: Built, test: Split | None, state: DistState) -> tuple[float | None, int]:
-    """Classification accuracy on held-out data (mnist-cnn); other models have no accuracy."""
-    if test is None or cfg.model != "mnist-cnn":
+    """Classification accuracy on held-out data (classifiers; the caller passes None otherwise)."""
+    if test is None:
         return None, 0
     test = test.head(cfg.eval_samples)
     bs = cfg.resolved_batch_size

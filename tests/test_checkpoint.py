@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from core.checkpoint import StopRequest
+from core.stop import PREEMPT, STOP, StopRequest
 from core.train import Preempted, run
 from jobs.strategies import get_build
 
@@ -25,15 +25,34 @@ def test_sigusr2_checkpoint_and_resume_is_bit_for_bit(tmp_path):
     stop.install()
     timer = threading.Timer(0.8, lambda: os.kill(os.getpid(), signal.SIGUSR2))  # a real signal, mid-run
     timer.start()
-    with pytest.raises(Preempted):
-        run(c, one_process(c), get_build("mp"), out_dir=str(tmp_path), dataset=data, stop=stop)
-    timer.cancel()
+    try:
+        with pytest.raises(Preempted):
+            run(c, one_process(c), get_build("mp"), out_dir=str(tmp_path), dataset=data, stop=stop)
+    finally:
+        timer.cancel()
+        stop.restore()
+    assert stop.agreed_kind == PREEMPT  # USR2: the job is to be requeued, not ended
     assert (tmp_path / "checkpoint" / "latest.json").exists()
     assert not (tmp_path / "result.json").exists()
     resumed = run(c, one_process(c), get_build("mp"), out_dir=str(tmp_path), dataset=data, stop=StopRequest())
     assert resumed["losses"] == straight["losses"]  # exact, not approximately
     assert resumed["final_loss"] == straight["final_loss"]
     assert resumed["eval_accuracy"] == straight["eval_accuracy"]
+
+
+def test_sigterm_asks_for_a_stop_and_a_second_ctrl_c_ends_at_once():
+    stop = StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # scancel's signal: checkpoint, then end (no requeue)
+        assert stop.kind == STOP and stop.signal_name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGUSR2)  # a preemption outranks a stop: the job comes back
+        assert stop.kind == PREEMPT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 # ---- layout-free checkpoints (torch.distributed.checkpoint) ---------------------------------
