@@ -24,9 +24,10 @@ import sys
 import time
 
 DEFAULTS: dict[str, dict[str, float]] = {
-    # CPU/gloo: a floor that even a loaded 2-core test host meets; a broken or throttled link is
+    # CPU/gloo: a floor that even a loaded, shared 2-core test host meets (matmul measured 1.5-23
+    # GFLOP/s there, one thread per rank); a broken or throttled link is
     # orders of magnitude below it (netem at 20 Mbit/s: 0.0025 GB/s).
-    "cpu": {"matmul_gflops": 0.5, "allreduce_gbps": 0.05, "p2p_gbps": 0.05, "p2p_latency_ms": 5.0},
+    "cpu": {"matmul_gflops": 0.1, "allreduce_gbps": 0.05, "p2p_gbps": 0.05, "p2p_latency_ms": 5.0},
     # Hopper (H100/H200): bf16 dense peak is ~990 TFLOP/s, a healthy GPU sustains well over half on
     # 8192^2; NVLink all-reduce busbw of 8 GPUs is ~350-450 GB/s; one 400 Gb/s NDR port per GPU
     # gives ~45 GB/s, so a node pair well below 10 GB/s has a bad HCA, cable or route.
@@ -64,7 +65,8 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
 
 # ---- inside the job ------------------------------------------------------------------------------
 def _timed(fn, seconds: float, sync) -> tuple[int, float]:
-    """Run fn repeatedly for about ``seconds``; (iterations, elapsed)."""
+    """Run fn repeatedly for about ``seconds``; (iterations, elapsed). Local work only: ranks
+    would run different counts."""
     fn()
     sync()
     n, t0 = 0, time.perf_counter()
@@ -163,8 +165,16 @@ class ValidateTask:
             return None
         numel = (64 << 20) // 4 if dev.type == "cuda" else (4 << 20) // 4
         t = torch.ones(numel, device=dev)
-        its, dt = _timed(lambda: dist.all_reduce(t, group=groups[mine]), 0.3, sync)
-        return numel * 4 * 2 * (k - 1) / k * its / dt / 1e9
+        # a fixed count, never "until 0.3 s": each rank would stop after its own count and the
+        # group's collectives would no longer match (a hang until the timeout)
+        its = 20 if dev.type == "cuda" else 5
+        dist.all_reduce(t, group=groups[mine])  # warm-up: connections, buffers
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(its):
+            dist.all_reduce(t, group=groups[mine])
+        sync()
+        return numel * 4 * 2 * (k - 1) / k * its / (time.perf_counter() - t0) / 1e9
 
     def _p2p(self, state, dist, torch, dev, sync, nodes, ranks_of) -> dict:
         """Node pair -> {gbps, latency_ms}; measured by the pair's first ranks, one pair at a time."""
