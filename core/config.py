@@ -14,19 +14,11 @@ import os
 from dataclasses import dataclass, field
 
 STRATEGIES = ("reference", "dp", "mp", "pp", "tp")
-MODELS = ("mnist-cnn", "gpt", "delay")
-DATASETS = ("mnist", "synthetic")
 CLUSTERS = ("auto", "slurm", "local")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("fp32", "bf16")
 DP_MODES = ("fsdp", "ddp")
 BALANCES = ("params", "time")
-# Defaults that depend on the model: declared here once, used by the resolved_* properties and help.
-MODEL_DEFAULTS = {
-    "mnist-cnn": {"batch_size": 128, "lr": 1e-3, "dataset": "mnist"},
-    "gpt": {"batch_size": 8, "lr": 3e-4, "dataset": "synthetic"},
-    "delay": {"batch_size": 16, "lr": 1e-3, "dataset": "synthetic"},
-}
 
 
 class ConfigError(ValueError):
@@ -48,12 +40,6 @@ def parse_split(text: str) -> list[int]:
         return [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--split takes blocks per stage like 2,1,3 (got {text!r})") from None
-
-
-def _by_model(key: str) -> str:
-    return ", ".join(
-        f"{m} {d[key]:g}" if isinstance(d[key], float) else f"{m} {d[key]}" for m, d in MODEL_DEFAULTS.items()
-    )
 
 
 @dataclass
@@ -78,18 +64,24 @@ class RunConfig:
     )
     model: str = option(
         "mnist-cnn",
-        "mnist-cnn (the notebook's network), gpt (decoder-only transformer) or delay (timing model)",
-        choices=MODELS,
+        "mnist-cnn (the notebook's network), gpt (decoder-only transformer), delay (timing model), "
+        "torchvision:NAME (e.g. torchvision:resnet18, cut into blocks) or package.module:factory (your own)",
     )
     flavor: str = option(
         "tiny", "model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small/uneven (mnist-cnn has one)"
     )
-    dataset: str | None = option(None, f"training data (default by model: {_by_model('dataset')})", choices=DATASETS)
+    dataset: str | None = option(
+        None, "training data: mnist, synthetic, fakedata or package.module:factory (default: the model's own)"
+    )
     data_dir: str = option("./data", "MNIST folder: downloaded there on the submitting host, read from there")
     epochs: int | None = option(None, "passes over the training set (default 1; exclusive with --steps)")
     steps: int | None = option(None, "optimizer steps instead of epochs")
-    batch_size: int | None = option(None, f"GLOBAL batch, cut into --dp shards (default: {_by_model('batch_size')})")
-    lr: float | None = option(None, f"learning rate (default: {_by_model('lr')}; SGD, AdamW for gpt)")
+    batch_size: int | None = option(
+        None, "GLOBAL batch, cut into --dp shards (default: the model's; mnist-cnn 128, gpt 8, delay 16)"
+    )
+    lr: float | None = option(
+        None, "learning rate of the model's optimizer (default: the model's; mnist-cnn SGD 1e-3, gpt AdamW 3e-4)"
+    )
     seed: int = option(0, "seeds weights, data order and dropout")
     train_samples: int | None = option(None, "train on the first N samples only")
     eval_samples: int | None = option(None, "evaluate on the first N held-out samples only")
@@ -155,17 +147,23 @@ class RunConfig:
     log_every: int = option(20, "progress line every N steps")
 
     # ---- derived values -------------------------------------------------------------------
+    # defaults that depend on the model are the model's own (core.models.base.BlockModel)
+    def _model(self):
+        from core.models import describe
+
+        return describe(self.model, self.flavor)
+
     @property
     def resolved_dataset(self) -> str:
-        return self.dataset or MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["gpt"])["dataset"]
+        return self.dataset or self._model().default_dataset
 
     @property
     def resolved_batch_size(self) -> int:
-        return self.batch_size or MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["gpt"])["batch_size"]
+        return self.batch_size or self._model().default_batch_size
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["gpt"])["lr"]
+        return self.lr if self.lr is not None else self._model().default_lr
 
     @property
     def resolved_tol(self) -> float:
@@ -203,7 +201,8 @@ def validate(cfg: RunConfig):
     Host-independent: what the submitting host has (GPUs, Slurm) is checked by the launch plan.
     """
     from core.layout import Layout
-    from core.models import FLAVORS, count_blocks
+    from core.models import describe
+    from core.models.registry import dataset_factory, is_import_path
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -215,18 +214,13 @@ def validate(cfg: RunConfig):
             choices is None or value is None or value in choices,
             f"unknown {flag_of(f)} {value!r}: choose one of {', '.join(choices or ())}",
         )
+    model = describe(cfg.model, cfg.flavor)  # unknown model or flavor, a factory that fails: one line
+    n_blocks = len(model.blocks)
+    dataset_factory(cfg.resolved_dataset)  # unknown name, or an import path that does not import
     need(
-        cfg.model == "mnist-cnn" or cfg.flavor in FLAVORS[cfg.model],
-        f"unknown --flavor {cfg.flavor!r} for {cfg.model}: choose one of {', '.join(FLAVORS[cfg.model])}",
-    )
-    n_blocks = count_blocks(cfg.model, cfg.flavor)
-    need(
-        cfg.resolved_dataset == "mnist" or cfg.model != "mnist-cnn",
-        "--model mnist-cnn trains on --dataset mnist (synthetic data is for gpt and delay)",
-    )
-    need(
-        cfg.resolved_dataset != "mnist" or cfg.model == "mnist-cnn",
-        f"--dataset mnist is for --model mnist-cnn; {cfg.model} uses --dataset synthetic",
+        cfg.resolved_dataset in model.datasets or is_import_path(cfg.resolved_dataset),
+        f"--model {cfg.model} does not train on --dataset {cfg.resolved_dataset}: use "
+        f"{' or '.join(model.datasets)} (or your own, package.module:factory)",
     )
     need(cfg.epochs is None or cfg.steps is None, "give --epochs or --steps, not both")
     for name in (
@@ -289,6 +283,11 @@ def validate(cfg: RunConfig):
             f"--split {_fmt(cfg.split)} gives {len(cfg.split)} stages, but the layout has {layout.stages} "
             f"per replica{_per_rank(cfg, layout)}",
         )
+
+    if cfg.strategy in ("mp", "pp"):
+        from core.contract import check_cut
+
+        check_cut(model, cfg, layout.stages)  # the pipeline contract (core/contract.py)
 
     # The data folder must be usable before anything is queued.
     if cfg.resolved_dataset == "mnist":

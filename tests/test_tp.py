@@ -90,8 +90,8 @@ def test_communication_counts_equal_the_megatron_prediction(world):
     [
         (dict(model="gpt", gpus=3), "does not divide gpt tiny's attention heads"),
         (dict(model="mnist-cnn", gpus=3), "does not divide mnist-cnn"),
-        (dict(model="delay", gpus=2), "no matrices to split"),
-        (dict(model="mnist-cnn", gpus=2, sequence_parallel=True), "apply to --model gpt"),
+        (dict(model="delay", gpus=2), "has no tensor-parallel plan"),
+        (dict(model="mnist-cnn", gpus=2, sequence_parallel=True), "need a plan written for them"),
         (dict(strategy="pp", model="gpt", gpus=4, tp=2, sequence_parallel=True), "inside pipeline stages"),
     ],
 )

@@ -28,6 +28,7 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     model.to(device)
     apply_tp(model, state.submesh("tp"), cfg)
     run = replicate_over_dp(model, state)  # FSDP2 over "dp": 2-D (dp, tp) parameters
+    layer = model.tp_layer  # the layer result.json reports collectives for, if the model names one
     comm: dict = {}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
                 loss = model.loss(out, y)
                 loss.backward()
         if not comm:
-            comm.update(counter.summary(layer_suffix="blocks.h0" if cfg.model == "gpt" else None))
+            comm.update(counter.summary(layer_suffix=layer))
         return full_tensor(loss.detach())
 
     @torch.no_grad()

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.models.base import BlockModel
+
+if TYPE_CHECKING:
+    from core.data import Dataset
 
 
 @dataclass(frozen=True)
@@ -110,3 +114,19 @@ class DelayModel(BlockModel):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(output, target)
+
+    def synthetic_data(self, batch_size: int, seed: int) -> Dataset:
+        from core.data import Dataset, Split, synthetic_vectors
+
+        n = max(64 * batch_size, 1024)  # a few hundred steps, and a held-out tail of one batch
+        split = synthetic_vectors(n + batch_size, self.flavor.width, seed)
+        return Dataset(
+            Split(split.x[:n], split.y[:n]), Split(split.x[n:], split.y[n:]), f"synthetic vectors: {n:,} samples"
+        )
+
+
+def build(flavor: str = "tiny") -> DelayModel:
+    return DelayModel(flavor)
+
+
+build.flavors = tuple(DELAY_FLAVORS)

@@ -10,12 +10,16 @@ tied weights would have to cross pipeline stages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.models.base import BlockModel
+
+if TYPE_CHECKING:
+    from core.data import Dataset
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,14 @@ class Head(nn.Module):
 
 
 class GPT(BlockModel):
+    default_batch_size = 8
+    default_lr = 3e-4
+    optimizer = (torch.optim.AdamW, {"weight_decay": 0.0, "fused": True})
+    tp_layer = "blocks.h0"
+
     def __init__(self, flavor: str = "tiny") -> None:
         super().__init__()
-        self.flavor = GPT_FLAVORS[flavor]
+        self.flavor, self.flavor_name = GPT_FLAVORS[flavor], flavor
         f = self.flavor
         self.blocks["embed"] = Embed(f)
         for i in range(f.layers):
@@ -112,6 +121,106 @@ class GPT(BlockModel):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
+
+    def synthetic_data(self, batch_size: int, seed: int) -> Dataset:
+        from core.data import Dataset, Split, synthetic_tokens
+
+        f = self.flavor
+        # enough sequences for a few hundred steps, bounded in memory for long sequences
+        n = min(max(64 * batch_size, 1024), max(4 * batch_size, 2_000_000 // f.seq_len))
+        split = synthetic_tokens(n + batch_size, f.seq_len, f.vocab, seed)
+        desc = f"synthetic token stream: {n:,} sequences of {f.seq_len} tokens, vocabulary {f.vocab}"
+        return Dataset(Split(split.x[:n], split.y[:n]), Split(split.x[n:], split.y[n:]), desc)
+
+    def tp_plan(self, sequence_parallel: bool = False, loss_parallel: bool = False) -> dict | None:
+        """Megatron's split (Shoeybi et al. 2019). Between blocks the activations are REPLICATED
+        (every rank holds the whole (B, T, d) tensor) or, with sequence parallel, SHARDED ON THE
+        SEQUENCE DIM (Shard(1)): each rank holds T/tp rows. The vocabulary-parallel embedding sums
+        partial lookups; the head is column-split over the vocabulary (loss parallel: the logits
+        stay sharded, Shard(-1), and cross-entropy reduces across ranks). Blocks a pipeline stage
+        does not hold are left out of its plan by the style."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            PrepareModuleInput,
+            RowwiseParallel,
+            SequenceParallel,
+        )
+
+        layers = [n for n in self.blocks if n.startswith("h")]
+        plan: dict = {"blocks.embed.tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+        if sequence_parallel and layers:
+            # the first layer receives the replicated embedding and keeps only its sequence shard
+            plan[f"blocks.{layers[0]}"] = PrepareModuleInput(
+                input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)
+            )
+        for name in layers:
+            plan.update(gpt_layer_plan(f"blocks.{name}", sequence_parallel))
+        if sequence_parallel:
+            plan["blocks.head.norm"] = SequenceParallel()
+        plan["blocks.head.out"] = ColwiseParallel(
+            input_layouts=Shard(1) if sequence_parallel else Replicate(),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+        return plan
+
+    def tp_refusal(self, tp: int, sequence_parallel: bool, loss_parallel: bool, in_pipeline: bool) -> str | None:
+        """Uneven splits are refused: heads cannot be split unevenly, and even shards keep
+        communication predictable."""
+        f = self.flavor
+        for what, n in (("attention heads", f.heads), ("vocabulary", f.vocab), ("model width", f.dim)):
+            if n % tp:
+                return f"tensor parallel {tp} does not divide gpt {self.flavor_name}'s {what} ({n}): pick a divisor"
+        if sequence_parallel and f.seq_len % tp:
+            return f"--sequence-parallel needs the sequence length {f.seq_len} divisible by {tp}"
+        if in_pipeline and sequence_parallel:
+            return "--sequence-parallel inside pipeline stages is not supported: drop it or use --strategy tp"
+        return None
+
+
+def gpt_layer_plan(prefix: str, sequence_parallel: bool) -> dict:
+    """One transformer layer: q, k, v column-split (each rank computes heads/tp heads), o
+    row-split; MLP up column-split (4d/tp hidden units per rank), down row-split. Each row-split
+    matmul leaves partial sums that ONE all-reduce joins: two all-reduces forward per layer, two
+    backward. Sequence parallel turns each into a reduce-scatter plus an all-gather and shards the
+    norms. ``attn`` and ``mlp`` take their input as one replicated DTensor (use_local_output=False)
+    so q, k and v share it: their partial input gradients add up before ONE backward all-reduce."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    between = Shard(1) if sequence_parallel else Replicate()  # layout of activations between blocks
+    plan = {
+        f"{prefix}.attn": PrepareModuleInput(
+            input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_output=False
+        ),
+        f"{prefix}.attn.q": ColwiseParallel(),
+        f"{prefix}.attn.k": ColwiseParallel(),
+        f"{prefix}.attn.v": ColwiseParallel(),
+        # with sequence parallel the residual stream stays a DTensor (Shard(1)) between blocks
+        f"{prefix}.attn.o": RowwiseParallel(output_layouts=between, use_local_output=not sequence_parallel),
+        f"{prefix}.mlp": PrepareModuleInput(
+            input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_output=False
+        ),
+        f"{prefix}.mlp.up": ColwiseParallel(),
+        f"{prefix}.mlp.down": RowwiseParallel(output_layouts=between, use_local_output=not sequence_parallel),
+    }
+    if sequence_parallel:
+        plan[f"{prefix}.ln1"] = SequenceParallel()
+        plan[f"{prefix}.ln2"] = SequenceParallel()
+    return plan
+
+
+def build(flavor: str = "tiny") -> GPT:
+    return GPT(flavor)
+
+
+build.flavors = tuple(GPT_FLAVORS)
 
 
 def _init(m: nn.Module) -> None:

@@ -16,6 +16,14 @@ from core.models.base import BlockModel
 
 
 class MnistCNN(BlockModel):
+    default_batch_size = 128  # the notebook's batch and SGD learning rate
+    default_lr = 1e-3
+    default_dataset = "mnist"
+    datasets = ("mnist",)
+    classifier = True
+    image_shape = (1, 28, 28)
+    num_classes = 10
+
     def __init__(self, dropout: bool = True) -> None:
         super().__init__()
         p1, p2 = (0.5, 0.75) if dropout else (0.0, 0.0)
@@ -28,3 +36,24 @@ class MnistCNN(BlockModel):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.nll_loss(output, target)
+
+    def tp_plan(self, sequence_parallel: bool = False, loss_parallel: bool = False) -> dict | None:
+        """The notebook's picture: Linear(9216,128) split by columns (y = [X A_0, X A_1]), then
+        Linear(128,20) split by rows so one all-reduce joins the halves: the activations between
+        fc1 and fc2 are sharded on the feature dimension, replicated everywhere else. The
+        convolutions stay replicated: their weights are 0.3% of the parameters."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        return {"blocks.fc1": ColwiseParallel(), "blocks.fc2": RowwiseParallel()}
+
+    def tp_refusal(self, tp: int, sequence_parallel: bool, loss_parallel: bool, in_pipeline: bool) -> str | None:
+        if 128 % tp or 9216 % tp:
+            return f"tensor parallel {tp} does not divide mnist-cnn's Linear(9216,128): use 1, 2, 4, 8..."
+        return super().tp_refusal(tp, sequence_parallel, loss_parallel, in_pipeline)
+
+
+def build(flavor: str = "tiny") -> MnistCNN:
+    return MnistCNN()
+
+
+build.flavors = ("tiny",)
