@@ -9,6 +9,7 @@ import shutil
 import torch
 
 from core.data import Split, batches, load_dataset, load_mnist
+from core.models import build_model
 
 
 def test_same_seed_same_order_other_seed_other_order():
@@ -58,8 +59,9 @@ def test_idx_files_in_data_dir_are_used_first(tmp_path, shared_mnist):
 
 
 def test_synthetic_tokens_are_deterministic_and_learnable():
-    a = load_dataset("gpt", "tiny", "synthetic", "", seed=1, batch_size=8)
-    b = load_dataset("gpt", "tiny", "synthetic", "", seed=1, batch_size=8)
+    gpt = build_model("gpt", "tiny")
+    a = load_dataset(gpt, "synthetic", "", seed=1, batch_size=8)
+    b = load_dataset(gpt, "synthetic", "", seed=1, batch_size=8)
     assert torch.equal(a.train.x, b.train.x)
     # targets are the inputs shifted by one token
     assert torch.equal(a.train.x[:, 1:], a.train.y[:, :-1])
