@@ -321,7 +321,8 @@ def run_validate(cfg, threshold_items: list[str], dry_run: bool = False) -> int:
     from core.data import DataError
     from jobs.executor import describe, make_executor
     from jobs.plan import prepare
-    from jobs.submit import fail, first_failure, follow, slurm_results
+    from jobs.submit import fail
+    from jobs.watch import JobFailed, wait_for
 
     try:
         overrides = parse_thresholds(threshold_items)
@@ -357,14 +358,10 @@ def run_validate(cfg, threshold_items: list[str], dry_run: bool = False) -> int:
         flush=True,
     )
     t0 = time.time()
-    try:
-        follow(job, slurm=plan.cluster == "slurm", echo=False)
-        report = slurm_results(job)[0] if plan.cluster == "slurm" else job.results()[0]
-    except Exception:
-        from jobs.nodes import explain_failure
-
-        why = explain_failure(job, first_failure(job), dataclasses.replace(cfg, max_retries=0))
-        return fail(f"validation job {job.job_id} failed: {why} (logs in {plan.run_dir}/submitit)", 1)
+    try:  # wait_for names a lost node (jobs.nodes) and the first failing rank
+        report = wait_for(job, plan.cluster, dataclasses.replace(cfg, max_retries=0), echo=False)[0]
+    except JobFailed as e:
+        return fail(f"validation job {job.job_id} failed: {e} (logs in {plan.run_dir}/submitit)", 1)
     thresholds = {**DEFAULTS[report["device_kind"]], **overrides}
     bad = judge(report, thresholds)
     report.update(thresholds=thresholds, failures=bad, passed=not bad, seconds=round(time.time() - t0, 1))
