@@ -172,3 +172,28 @@ def test_a_lost_node_is_named_within_the_collective_timeout(cluster, tmp_path):
     assert seconds < DIST_TIMEOUT_S + 30, f"{seconds:.1f} s: {err[0]}"  # the issue's bound
     print(f"lost node named {seconds:.1f} s after its link went down: {err[0]}")
     cluster.wait_idle(timeout_s=120)  # ReturnToService=2: n2 comes back by itself
+
+
+def test_first_node_naming_itself_loopback_still_gives_its_reachable_address(cluster, tmp_path):
+    """The launcher bug where the head node resolves its own name to 127.0.1.1 (Debian's hosts
+    file): on n1, with such a hosts file, the rendezvous address is still n1's bridge address
+    (Slurm's NodeAddr) and the interface is eth0, not lo."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.1.1 n1\n")
+    code = (
+        "from core.distributed import rendezvous_address, route_interface; "
+        "a = rendezvous_address('n1'); print(a, route_interface(a))"
+    )
+    inner = f'mount --bind {hosts} /etc/hosts && getent hosts n1 && {sys.executable} -c "{code}"'
+    p = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{cluster.netns['n1']}", "unshare", "--mount", "sh", "-c", inner],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cluster.environ(),
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    resolved, answer = p.stdout.strip().splitlines()[0], p.stdout.strip().splitlines()[-1]
+    assert resolved.startswith("127.0.1.1"), resolved  # the trap is really there
+    assert answer == f"{cluster.addr['n1']} eth0", answer
