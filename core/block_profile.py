@@ -69,22 +69,37 @@ def _time_block(block: nn.Module, x: torch.Tensor, device: torch.device, loss_of
     for i in range(WARMUP + REPEATS):
         if i > WARMUP and spent >= BUDGET_S:
             break
-        inp = x.detach().requires_grad_(x.is_floating_point())
+        inp = _fresh(x)
         counter = _SavedBytes(params)
         t0 = _sync(device)
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), autocast(cfg, device):
             out = block(inp)
             head = loss_of(out) if loss_of else out
         t1 = _sync(device)
-        if head.requires_grad:
-            head.backward(None if loss_of else torch.ones_like(head))
+        if loss_of and head.requires_grad:
+            head.backward()
+        elif not loss_of:  # a seam may carry a tuple of tensors (README "Your own model")
+            outs = [t for t in (head if isinstance(head, tuple) else (head,)) if t.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
         t2 = _sync(device)
         if i >= WARMUP:
             spent += t2 - t0
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             saved = counter.bytes
-    return statistics.median(fwd), statistics.median(bwd), saved, out.detach()
+    return statistics.median(fwd), statistics.median(bwd), saved, _detached(out)
+
+
+def _fresh(x):
+    """A block's input as a pipeline stage receives it: detached leaves that require grad."""
+    if isinstance(x, tuple):
+        return tuple(_fresh(t) for t in x)
+    return x.detach().requires_grad_(x.is_floating_point())
+
+
+def _detached(x):
+    return tuple(_detached(t) for t in x) if isinstance(x, tuple) else x.detach()
 
 
 def profile_blocks(model: BlockModel, x: torch.Tensor, y: torch.Tensor, device: torch.device, cfg) -> list[BlockCost]:
@@ -110,6 +125,8 @@ def profile_blocks(model: BlockModel, x: torch.Tensor, y: torch.Tensor, device: 
             block.to(home)
             param_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
             costs.append(BlockCost(name, f, b, act, param_bytes))
+    for p in model.parameters():  # the loss's own parameters (outside the blocks) got gradients too
+        p.grad = None
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the profile's blocks back before the stages are built
     return costs

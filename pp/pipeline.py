@@ -52,6 +52,29 @@ def _sendable_output(stage: str):
     return lambda module, args, output: _sendable(output, stage)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; backward hands the gradient on contiguous. The gradient a stage sends
+    back for its input takes the strides of however the first block used that input (a transpose
+    gives a transposed gradient), and gloo refuses to send or receive non-contiguous buffers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_input_grads(module, args):
+    def wrap(t):
+        if isinstance(t, tuple):
+            return tuple(wrap(v) for v in t)
+        return _ContiguousGrad.apply(t) if isinstance(t, torch.Tensor) and t.requires_grad else t
+
+    return wrap(args)
+
+
 def _nbytes(t) -> int:
     # shape inference runs the stage once on meta tensors: those move nothing
     if isinstance(t, tuple):
@@ -162,6 +185,8 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
             apply_tp(sub, state.submesh("tp"), cfg)
         sub.to(device)
         sub.blocks[names[idx][-1]].register_forward_hook(_sendable_output(names[idx][-1]))
+        if idx > 0:
+            sub.blocks[names[idx][0]].register_forward_pre_hook(_contiguous_input_grads)
         send_hooks += _count_sends(sub, names[idx], idx, n_stages, sent)
         # FSDP2 shards the stage in place; a DDP wrapper is what the stage runs (torch syncs either
         # once per step, after the last micro-batch's backward)
