@@ -91,60 +91,60 @@ def main() -> int:
         if theory_bubble(schedule, p, m) is None:
             ap.error(f"{schedule} has no textbook bubble to set an ideal: use gpipe, 1f1b or interleaved-1f1b")
     rows, raw = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = tempfile.mkdtemp(prefix="balance-bench-")  # kept: a failed run's logs are there
 
-        def run(name: str, **kw) -> dict | None:
-            c = RunConfig(device=a.device, cluster="local", steps=steps, dtype=dtype, log_every=10**9, **kw)
-            rc, folder = run_one(dataclasses.replace(c, out=os.path.join(tmp, name)), quiet=True)
-            return read_result(folder) if rc == 0 else None
+    def run(name: str, **kw) -> dict | None:
+        c = RunConfig(device=a.device, cluster="local", steps=steps, dtype=dtype, log_every=10**9, **kw)
+        rc, folder = run_one(dataclasses.replace(c, out=os.path.join(tmp, name)), quiet=True)
+        return read_result(folder) if rc == 0 else None
 
-        for spec in models:
-            model, flavor, batch = spec.split(":")
-            common = dict(model=model, flavor=flavor, batch_size=int(batch))
-            ref = run(f"{model}-{flavor}-reference", strategy="reference", gpus=1, **common)
-            if ref is None:
-                rows.append({"model": f"{model} {flavor}", "schedule": "reference failed"})
-                continue
-            for schedule in schedules:
-                v = SCHEDULES[schedule].stages_per_rank
-                factor = 1 / (1 - theory_bubble(schedule, p, m))  # (vm+p-1)/(vm)
-                ideal = step_s(ref) / p * factor
-                for balance in ("params", "time"):
-                    name = f"{model}-{flavor}-{schedule}-{balance}"
-                    kw = dict(strategy="pp", gpus=p, schedule=schedule, microbatches=m, balance=balance)
-                    r = run(name, **kw, **common)
-                    if r is None:
-                        rows.append({"model": f"{model} {flavor}", "schedule": schedule, "balance": balance})
-                        continue
-                    b = r["balance"]
-                    cost = cost_model_ratio(r, factor)
-                    rows.append(
-                        {
-                            "model": f"{model} {flavor}",
-                            "schedule": f"{schedule} p={p} m={m}" + (f" v={v}" if v > 1 else ""),
-                            "balance": balance,
-                            "split": ",".join(map(str, b["split"])),
-                            "ideal ms": f"{1000 * ideal:.1f}",
-                            "step ms": f"{1000 * step_s(r):.1f}",
-                            "step/ideal": f"{step_s(r) / ideal:.3f}",
-                            "predicted/ideal": f"{b['predicted']['step_time_s'] / ideal:.3f}",
-                            "cost model/ideal": "-" if cost is None else f"{cost:.3f}",
-                            "bubble measured": f"{100 * r['bubble_fraction']:.1f}%",
-                            "bubble theory": f"{100 * r['bubble_fraction_theory']:.1f}%",
-                        }
-                    )
-                    print(rows[-1], flush=True)
-                    raw.append(
-                        {
-                            "run": name,
-                            "reference_step_s": step_s(ref),
-                            "ideal_step_s": ideal,
-                            "step_s": step_s(r),
-                            "timeline_step_s": r["timeline_step_time_s"],
-                            "balance": {k: b[k] for k in ("balance", "split", "params_split", "predicted", "measured")},
-                            "blocks": b["blocks"],
-                        }
-                    )
+    for spec in models:
+        model, flavor, batch = spec.split(":")
+        common = dict(model=model, flavor=flavor, batch_size=int(batch))
+        ref = run(f"{model}-{flavor}-reference", strategy="reference", gpus=1, **common)
+        if ref is None:
+            rows.append({"model": f"{model} {flavor}", "schedule": "reference failed"})
+            continue
+        for schedule in schedules:
+            v = SCHEDULES[schedule].stages_per_rank
+            factor = 1 / (1 - theory_bubble(schedule, p, m))  # (vm+p-1)/(vm)
+            ideal = step_s(ref) / p * factor
+            for balance in ("params", "time"):
+                name = f"{model}-{flavor}-{schedule}-{balance}"
+                kw = dict(strategy="pp", gpus=p, schedule=schedule, microbatches=m, balance=balance)
+                r = run(name, **kw, **common)
+                if r is None:
+                    rows.append({"model": f"{model} {flavor}", "schedule": schedule, "balance": balance})
+                    continue
+                b = r["balance"]
+                cost = cost_model_ratio(r, factor)
+                rows.append(
+                    {
+                        "model": f"{model} {flavor}",
+                        "schedule": f"{schedule} p={p} m={m}" + (f" v={v}" if v > 1 else ""),
+                        "balance": balance,
+                        "split": ",".join(map(str, b["split"])),
+                        "ideal ms": f"{1000 * ideal:.1f}",
+                        "step ms": f"{1000 * step_s(r):.1f}",
+                        "step/ideal": f"{step_s(r) / ideal:.3f}",
+                        "predicted/ideal": f"{b['predicted']['step_time_s'] / ideal:.3f}",
+                        "cost model/ideal": "-" if cost is None else f"{cost:.3f}",
+                        "bubble measured": f"{100 * r['bubble_fraction']:.1f}%",
+                        "bubble theory": f"{100 * r['bubble_fraction_theory']:.1f}%",
+                    }
+                )
+                print(rows[-1], flush=True)
+                raw.append(
+                    {
+                        "run": name,
+                        "reference_step_s": step_s(ref),
+                        "ideal_step_s": ideal,
+                        "step_s": step_s(r),
+                        "timeline_step_s": r["timeline_step_time_s"],
+                        "balance": {k: b[k] for k in ("balance", "split", "params_split", "predicted", "measured")},
+                        "blocks": b["blocks"],
+                    }
+                )
     text = table(rows, COLUMNS)
     import torch
 
@@ -152,7 +152,7 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"balance_{a.device}.json")
     write_json_atomic(path, {"device": a.device, "p": p, "m": m, "torch": torch.__version__, "rows": rows, "runs": raw})
-    print(f"\nwritten to {path}")
+    print(f"\nwritten to {path}; run folders in {tmp}")
     return 0
 
 
