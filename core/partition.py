@@ -14,40 +14,48 @@ if TYPE_CHECKING:
     from core.models.base import BlockModel
 
 
-def balanced_split(block_params: list[int], stages: int) -> list[int]:
-    """Blocks per stage, contiguous, minimising the largest stage's parameter count.
+def _min_max_split(costs: list[float], stages: int, fits=None) -> list[int] | None:
+    """Blocks per stage, contiguous, minimising the largest stage's total cost; None if none fits.
 
-    Balance by parameters, because a model is split to fit memory; ties go to the split with the
-    most even block counts. Linear-partition DP, O(stages * blocks^2).
+    A stage is ranked by (its total cost, its block count), so ties go to the split with the most
+    even block counts. ``fits(stage, i, j)`` may refuse stage ``stage`` holding blocks i..j-1.
+    Linear-partition DP, O(stages * blocks^2).
     """
-    n = len(block_params)
+    n = len(costs)
     if not 1 <= stages <= n:
         raise ValueError(f"cannot cut {n} blocks into {stages} stages")
-    # cost of a stage: parameters first, block count second (integer weighting keeps it exact)
-    weight = n + 1
     prefix = [0]
-    for p in block_params:
-        prefix.append(prefix[-1] + p)
-
-    def cost(i: int, j: int) -> int:  # blocks i..j-1
-        return (prefix[j] - prefix[i]) * weight + (j - i)
-
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    worst = (float("inf"), float("inf"))
+    best = [[worst] * (n + 1) for _ in range(stages + 1)]
     cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0
+    best[0][0] = (0, 0)
     for s in range(1, stages + 1):
         for j in range(s, n + 1):
             for i in range(s - 1, j):
-                c = max(best[s - 1][i], cost(i, j))
+                if best[s - 1][i] == worst or (fits is not None and not fits(s - 1, i, j)):
+                    continue
+                c = max(best[s - 1][i], (prefix[j] - prefix[i], j - i))
                 if c < best[s][j]:
                     best[s][j], cut[s][j] = c, i
+    if best[stages][n] == worst:
+        return None
     sizes, j = [], n
     for s in range(stages, 0, -1):
         i = cut[s][j]
         sizes.append(j - i)
         j = i
     return sizes[::-1]
+
+
+def balanced_split(block_params: list[int], stages: int) -> list[int]:
+    """Blocks per stage, contiguous, minimising the largest stage's parameter count.
+
+    Balance by parameters, because a model is split to fit memory; ties go to the split with the
+    most even block counts.
+    """
+    return _min_max_split(block_params, stages)
 
 
 def time_split(
@@ -60,38 +68,17 @@ def time_split(
 
     ``block_s``: each block's forward + backward time. ``stage_bytes(stage, i, j)``: memory stage
     ``stage`` needs holding blocks i..j-1 (its in-flight activations depend on its place in the
-    pipeline); splits with a stage over ``capacity`` are never chosen. Ties go to the split with
-    the most even block counts, as in ``balanced_split``. Linear-partition DP, O(stages * blocks^2).
-    Raises ValueError when no split fits.
+    pipeline); splits with a stage over ``capacity`` are never chosen. Raises ValueError when no
+    split fits.
     """
-    n = len(block_s)
-    if not 1 <= stages <= n:
-        raise ValueError(f"cannot cut {n} blocks into {stages} stages")
-    prefix = [0.0]
-    for t in block_s:
-        prefix.append(prefix[-1] + t)
-    inf = (float("inf"), float("inf"))
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = (0.0, 0)
-    for s in range(1, stages + 1):
-        for j in range(s, n + 1):
-            for i in range(s - 1, j):
-                if best[s - 1][i] == inf:
-                    continue
-                if capacity is not None and stage_bytes is not None and stage_bytes(s - 1, i, j) > capacity:
-                    continue
-                c = (max(best[s - 1][i][0], prefix[j] - prefix[i]), max(best[s - 1][i][1], j - i))
-                if c < best[s][j]:
-                    best[s][j], cut[s][j] = c, i
-    if best[stages][n] == inf:
+    fits = None
+    if capacity is not None and stage_bytes is not None:
+        fits = lambda stage, i, j: stage_bytes(stage, i, j) <= capacity
+    sizes = _min_max_split(block_s, stages, fits)
+    if sizes is None:
+        n = len(block_s)
         raise ValueError(f"no contiguous split of {n} blocks into {stages} stages fits {capacity / 2**30:.1f} GiB")
-    sizes, j = [], n
-    for s in range(stages, 0, -1):
-        i = cut[s][j]
-        sizes.append(j - i)
-        j = i
-    return sizes[::-1]
+    return sizes
 
 
 def stage_blocks(model: BlockModel, stages: int, split: list[int] | None = None) -> list[list[str]]:
