@@ -246,7 +246,7 @@ KillWait=5
 InactiveLimit=0
 MailProg=/bin/true
 MinJobAge=600
-JobRequeue=0
+JobRequeue=1
 GresTypes=gpu
 {nodes}PartitionName=mn Nodes={",".join(self.names)} Default=YES MaxTime=120 State=UP OverSubscribe=FORCE:4
 """

@@ -139,39 +139,81 @@ def test_validate_names_the_throttled_link(cluster, tmp_path):
     print(f"validate with n3->n2 throttled ({how}): {p.seconds:.1f} s: {err[0]}")
 
 
+def start_and_lose_n2(cluster, out, *args: str, at_step: int, fault) -> tuple[subprocess.Popen, float]:
+    """Submit a 2-node pp job, wait until rank 0 logged ``at_step``, then apply ``fault`` to n2.
+    Returns the running submit command and the time of the fault."""
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "submit.py"), "--cluster", "slurm", "--strategy", "pp",
+           "--gpus", "2", "--nodes", "2", "--model", "delay", "--dist-timeout", str(DIST_TIMEOUT_S),
+           "--out", str(out), *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.environ())
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:  # both ranks train: rank 0 logged the step
+        logs = list((out / "submitit").glob("*_0_log.out")) if (out / "submitit").exists() else []
+        if logs and f"step {at_step}/" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    if proc.poll() is not None:
+        raise AssertionError(proc.communicate())
+    fault()
+    return proc, time.time()
+
+
 def test_a_lost_node_is_named_within_the_collective_timeout(cluster, tmp_path):
     """n2's link goes down mid-job: the submit command ends within --dist-timeout + 30 s with one
-    line naming n2 and the rank that ran there, and says a retry fits on n1 and n3."""
+    line naming n2 and the rank that ran there. --slurm-opt no-requeue=true: otherwise Slurm
+    (JobRequeue=1, its default) requeues a job that lost a node by itself (the next test)."""
     out = tmp_path / "lost"
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "submit.py"), "--cluster", "slurm", "--strategy", "pp",
-           "--gpus", "2", "--nodes", "2", "--model", "delay", "--steps", "100000", "--log-every", "10",
-           "--checkpoint-every", "1000", "--dist-timeout", str(DIST_TIMEOUT_S), "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.environ())
+    proc = None
     try:
-        deadline = time.time() + 180
-        log = None
-        while time.time() < deadline and proc.poll() is None:  # both ranks train: a step was logged
-            log = log or next((out / "submitit").glob("*_0_log.out"), None) if (out / "submitit").exists() else None
-            if log is not None and "step 10/" in log.read_text(errors="replace"):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.communicate()
-        t0 = time.time()
-        cluster.run_in("n2", "ip", "link", "set", "eth0", "down")
+        link_down = lambda: cluster.run_in("n2", "ip", "link", "set", "eth0", "down")  # noqa: E731
+        proc, t0 = start_and_lose_n2(cluster, out, "--steps", "100000", "--log-every", "10", "--max-retries", "0",
+                                     "--slurm-opt", "no-requeue=true", at_step=10, fault=link_down)  # fmt: skip
         _, stderr = proc.communicate(timeout=DIST_TIMEOUT_S + 120)
         seconds = time.time() - t0
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.communicate()
         cluster.run_in("n2", "ip", "link", "set", "eth0", "up")
     err = stderr.strip().splitlines()
     assert proc.returncode == 1 and len(err) == 1, stderr
-    assert "node n2 lost" in err[0] and "with rank 1;" in err[0], err[0]
-    assert "can come back on the nodes still up: n1, n3" in err[0], err[0]
+    assert "node n2 lost" in err[0] and "with rank 1;" in err[0] and "no retry" in err[0], err[0]
     assert seconds < DIST_TIMEOUT_S + 30, f"{seconds:.1f} s: {err[0]}"  # the issue's bound
     print(f"lost node named {seconds:.1f} s after its link went down: {err[0]}")
     cluster.wait_idle(timeout_s=120)  # ReturnToService=2: n2 comes back by itself
+
+
+def test_a_job_that_lost_a_node_comes_back_on_the_remaining_nodes(cluster, tmp_path):
+    """n2's slurmd and tasks are killed mid-job: Slurm requeues the job, it lands on n1 and n3 (the
+    layout of 2 nodes still fits), resumes from the last checkpoint and finishes. --device cpu:
+    with GRES (--gpus-per-node on the fake GPUs) Slurm 22.05 re-allocates the requeued job but
+    refuses its step ("Invalid generic resource specification", slurmctld: "node offset invalid")."""
+    out = tmp_path / "back"
+
+    def kill_n2() -> None:  # everything in n2's namespace: slurmd, slurmstepd, the rank
+        pids = subprocess.run(["ip", "netns", "pids", cluster.netns["n2"]], capture_output=True, text=True)
+        subprocess.run(["kill", "-9", *pids.stdout.split()], check=False)
+
+    proc = None
+    try:
+        proc, t0 = start_and_lose_n2(cluster, out, "--device", "cpu", "--steps", "60", "--log-every", "10",
+                                     "--checkpoint-every", "10", at_step=20, fault=kill_n2)  # fmt: skip
+        stdout, stderr = proc.communicate(timeout=400)
+        seconds = time.time() - t0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["attempts"] == 2 and r["steps"] == 60, r.get("attempts")
+    # each task's log gains a start line per attempt: the last one says where the retry ran
+    last = {}
+    for f in (out / "submitit").glob("*_log.out"):
+        starts = [ln for ln in f.read_text().splitlines() if "Starting with JobEnvironment" in ln]
+        last[f.name] = starts[-1].split("hostname=")[1].split(",")[0]
+    assert set(last.values()) == {"n1", "n3"}, last
+    print(f"lost n2 at step 20: back on n1, n3 and finished {seconds:.1f} s later ({r['attempts']} attempts)")
 
 
 def test_first_node_naming_itself_loopback_still_gives_its_reachable_address(cluster, tmp_path):
