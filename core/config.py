@@ -244,6 +244,9 @@ def validate(cfg: RunConfig):
         math.isfinite(cfg.dist_timeout_s) and cfg.dist_timeout_s > 0,
         f"--dist-timeout must be a positive number of seconds (got {cfg.dist_timeout_s})",
     )
+    for name, example in (("data_dir", "./data"), ("out", "runs/my-run")):  # '' would mean the current folder
+        v = getattr(cfg, name)
+        need(v is None or v.strip() != "", f"--{name.replace('_', '-')} is empty: give a folder such as {example}")
     for opt in cfg.slurm_opts:
         need(
             "=" in opt and opt.split("=", 1)[0].strip() != "",

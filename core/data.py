@@ -82,14 +82,26 @@ def _read_idx_split(data_dir: str, prefix: str) -> Split | None:
         else:
             return None
     with tempfile.TemporaryDirectory() as tmp:  # the data folder may be read-only: unpack aside
+        read = {}
         for kind, path in paths.items():
-            if path.endswith(".gz"):
-                target = os.path.join(tmp, kind)
-                with gzip.open(path, "rb") as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                paths[kind] = target
-        images = read_image_file(paths["images-idx3"])
-        labels = read_label_file(paths["labels-idx1"])
+            try:  # a truncated download: name the file, never a bare EOFError or a silent fallback
+                if path.endswith(".gz"):
+                    target = os.path.join(tmp, kind)
+                    with gzip.open(path, "rb") as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    path = target
+                read[kind] = (read_image_file if kind.startswith("images") else read_label_file)(path)
+            except Exception as e:  # noqa: BLE001 - EOFError, gzip's BadGzipFile, a short read
+                raise DataError(
+                    f"{paths[kind]} is damaged ({type(e).__name__}): delete it and run again to download it "
+                    "anew, or point --data-dir at another copy"
+                ) from None
+        images, labels = read["images-idx3"], read["labels-idx1"]
+    if len(images) != len(labels):
+        raise DataError(
+            f"{raw}: {prefix} has {len(images)} images but {len(labels)} labels (a truncated file): delete "
+            "its files and run again, or point --data-dir at another copy"
+        )
     return Split(_normalise(images), labels.long())
 
 

@@ -33,6 +33,12 @@ class SubmitActions:
         metavar=("RUN_DIR", "FILE"),
         nargs=2,
     )
+    attach: str | None = option(
+        None,
+        "follow the job already running for RUN_DIR (after the submit command was closed): its log, "
+        "then its summary",
+        metavar="RUN_DIR",
+    )
     force: bool = option(False, "--export: replace FILE if it exists")
     compare: bool = option(False, "run mp and every pp schedule on the same model; one table, one PNG")
     pytest: str | None = option(

@@ -16,8 +16,9 @@ import dataclasses
 import datetime
 import json
 import os
+import sys
 
-from core.config import RunConfig
+from core.config import ConfigError, RunConfig
 from core.metrics import read_result, write_json_atomic
 from core.report import save_stacked_timelines, table
 from pp.schedules import SCHEDULES
@@ -96,6 +97,13 @@ def compare(base: RunConfig, run_one) -> int:
     if base.steps is None and base.epochs is None:
         base = dataclasses.replace(base, steps=4)  # a comparison needs a few steps, not an epoch
     variants = [("mp", dataclasses.replace(base, strategy="mp", tp=1))]
+    try:  # a mistake every variant shares (--gpus 0, ...) is one line before anything runs
+        from jobs.strategies import validate_run
+
+        validate_run(variants[0][1])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     variants += [(s, dataclasses.replace(base, strategy="pp", schedule=s)) for s in SCHEDULES]
     # the other balance is worth a run only when nothing fixed the cut and time chose another one
     twin_params = base.balance is None and base.split is None

@@ -34,6 +34,14 @@ def resolve_cluster(cfg: RunConfig) -> str:
     return cfg.cluster
 
 
+def signal_lead_s(time_min: int) -> int:
+    """How long before the time limit the job gets USR2 (checkpoint, then requeue): a quarter of
+    the limit, at most 120 s. A fixed 120 s would arrive before a 2-minute job has even started
+    (and Python's default action for USR2 kills it: exit 140); a requeued attempt would get it at
+    once and loop."""
+    return int(min(120, max(5, time_min * 60 // 4)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +67,11 @@ def make_executor(plan: LaunchPlan, folder: str, preview: bool = False) -> submi
     gpus_per_node = layout.gpus_per_node if plan.requests_gpus else 0
     if plan.cluster == "local":
         ex = submitit.LocalExecutor(folder=folder)
-        params = {"tasks_per_node": layout.processes_per_node, "timeout_min": cfg.time}
+        params = {
+            "tasks_per_node": layout.processes_per_node,
+            "timeout_min": cfg.time,
+            "signal_delay_s": signal_lead_s(cfg.time),
+        }
         if gpus_per_node:
             params["gpus_per_node"] = gpus_per_node
         ex.update_parameters(**params)
@@ -71,8 +83,7 @@ def make_executor(plan: LaunchPlan, folder: str, preview: bool = False) -> submi
         "ntasks_per_node": layout.processes_per_node,
         "time": cfg.time,
         "job_name": f"mps-{cfg.strategy}",
-        # submitit sends USR2 this long before the time limit: enough to checkpoint and requeue
-        "signal_delay_s": 120,
+        "signal_delay_s": signal_lead_s(cfg.time),
         "srun_args": srun_args,
     }
     optional = {

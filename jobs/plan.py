@@ -70,17 +70,27 @@ def check_host(plan: LaunchPlan, cuda_count: int) -> None:
 
 def run_folder(cfg: RunConfig, resuming: bool = False) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    from jobs.run_folder import RUN_FILES
+
     folder = os.path.abspath(cfg.out or os.path.join("runs", f"{cfg.strategy}-{stamp}"))
-    # a resumed run continues its own folder (jobs.resume checked it asks for more steps)
-    if os.path.exists(os.path.join(folder, "result.json")) and not resuming:
-        raise ConfigError(f"--out {folder} already holds a result: choose another folder (nothing is overwritten)")
     if os.path.isfile(folder):
         raise ConfigError(f"--out {folder} is a file: give a folder")
+    # a resumed run continues its own folder (jobs.resume checked it); any other run needs a new
+    # one (jobs.run_folder claims it atomically at submission; this is the early, clear refusal)
+    if not resuming and any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES):
+        raise ConfigError(
+            f"--out {folder} already holds a run: continue it with --resume {folder}, or choose another "
+            "folder (nothing is overwritten)"
+        )
+    parent = existing_parent(folder)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {folder}: {parent} is not writable; choose a folder you can write to")
     return folder
 
 
 def fetch_data(cfg: RunConfig) -> str | None:
-    """MNIST is fetched here, on the submitting host: a compute node never downloads."""
+    """MNIST is fetched here, on the submitting host: a compute node never downloads. A batch
+    larger than the training split is refused here, before any rank starts."""
     if cfg.resolved_dataset != "mnist":
         return None
     from core.data import download_mnist, load_mnist
@@ -88,9 +98,28 @@ def fetch_data(cfg: RunConfig) -> str | None:
     why = download_mnist(cfg.data_dir) if os.access(existing_parent(cfg.data_dir), os.W_OK) else "read-only"
     if why:
         print(f"note: MNIST could not be downloaded into {cfg.data_dir} ({why})", flush=True)
-    source = load_mnist(cfg.data_dir).description
-    print(f"data: {source}", flush=True)
-    return source
+    data = load_mnist(cfg.data_dir)
+    per_step = cfg.resolved_batch_size * cfg.grad_accum
+    if per_step > len(data.train):
+        raise ConfigError(
+            f"--batch-size {cfg.resolved_batch_size} x --grad-accum {cfg.grad_accum} is more than the "
+            f"{len(data.train):,} training digits ({data.description}): lower --batch-size"
+        )
+    print(f"data: {data.description}", flush=True)
+    return data.description
+
+
+def note_oversubscription(plan: LaunchPlan) -> None:
+    """More CPU processes than cores on this host: allowed (it is how a laptop tries an 8-way
+    layout), but said, because every rank then waits for a core and timings mean little."""
+    if plan.cluster == "local" and plan.device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if plan.layout.processes > cores:
+            print(
+                f"note: {plan.layout.processes} processes on {cores} CPU core(s): oversubscribed, so it runs "
+                "slowly and its timings are not meaningful; fine for checking a layout",
+                flush=True,
+            )
 
 
 def check_init_from(cfg: RunConfig) -> None:
@@ -136,6 +165,7 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> La
         check_init_from(cfg)
     plan = LaunchPlan(cfg, layout, cluster, resolve_device(cfg, cluster, cuda_count), run_folder(cfg, resuming))
     check_host(plan, cuda_count)
+    note_oversubscription(plan)
     if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
         raise ConfigError(
             "--cluster slurm, but sbatch is not on PATH: submit from a Slurm login node, or preview with --dry-run"

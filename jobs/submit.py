@@ -15,7 +15,6 @@ import io
 import os
 import re
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -27,147 +26,13 @@ from core.config import ConfigError, RunConfig  # noqa: E402
 from core.data import DataError  # noqa: E402
 from jobs.cli import parse  # noqa: E402
 from jobs.plan import prepare  # noqa: E402
-
-
-class JobFailed(RuntimeError):
-    pass
+from jobs.stopping import Interrupted, children_ignore_sigint, interruptible, stop_job  # noqa: E402
+from jobs.watch import JobFailed, wait_for  # noqa: E402
 
 
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
-
-
-def shutil_rmtree_quiet(folder: str) -> None:
-    """Remove a run folder this command created for a job that was never queued."""
-    import shutil
-
-    if not os.path.exists(os.path.join(folder, "result.json")):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-class JobVanished(RuntimeError):
-    """The job left the queue without writing a result (it died before Python could report)."""
-
-
-def slurm_state(job_id: str) -> str | None:
-    """The job's state from squeue (or scontrol for a finished job), None when Slurm forgot it.
-
-    submitit asks sacct, which needs the accounting daemon: without one it would wait forever
-    for a job that died before writing its result."""
-    import subprocess
-
-    out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
-    if out.returncode == 0 and out.stdout.strip():
-        return out.stdout.split()[0]
-    out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True)
-    m = re.search(r"JobState=(\S+)", out.stdout)
-    return m.group(1) if m else None
-
-
-def slurm_results_written(job) -> bool:
-    """Every task wrote its result file. Asked of the files, not of submitit, whose sacct calls
-    fail (and print) on clusters without an accounting daemon."""
-    return all(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks))
-
-
-def slurm_results(job) -> list:
-    """The tasks' return values read from their result files; a task's error raises."""
-    from submitit.core.utils import pickle_load
-
-    out = []
-    for i in range(job.num_tasks):
-        outcome, value = pickle_load(job.task(i).paths.result_pickle)
-        if outcome != "success":
-            raise RuntimeError(f"task {i} failed")
-        out.append(value)
-    return out
-
-
-def follow(job, slurm: bool = False, grace_s: float = 10.0, echo: bool = True) -> None:
-    """Print rank 0's log as it grows, until the job ends: progress without a second terminal.
-
-    Under Slurm, a job that has left the queue without results for ``grace_s`` raises JobVanished
-    carrying the task's stderr, instead of waiting forever."""
-    path, pos = None, 0
-    gone_since, checked = None, 0.0
-    while True:
-        done = slurm_results_written(job) if slurm else job.done()
-        if slurm and not done and time.time() - checked > 3:
-            checked = time.time()
-            state = slurm_state(job.job_id)
-            finished = state is None or state in (
-                "FAILED",
-                "CANCELLED",
-                "TIMEOUT",
-                "NODE_FAIL",
-                "OUT_OF_MEMORY",
-                "BOOT_FAIL",
-                "DEADLINE",
-                "COMPLETED",
-                "PREEMPTED",
-            )
-            gone_since = (gone_since or time.time()) if finished else None
-            if gone_since and time.time() - gone_since > grace_s:
-                err = first_failure(job)
-                raise JobVanished(f"Slurm reports {state or 'no such job'} and no result was written; {err}")
-        if path is None:
-            path = str(job.task(0).paths.stdout)
-        if echo and os.path.exists(path):
-            with open(path) as f:
-                f.seek(pos)
-                chunk = f.read()
-                pos = f.tell()
-            for line in chunk.splitlines():
-                if not line.startswith("submitit "):
-                    print(f"  | {line}", flush=True)
-        if done:
-            return
-        time.sleep(0.5)
-
-
-SECONDARY = (
-    "timed out",
-    "timeout",
-    "connection closed by peer",
-    "connection reset",
-    "broken pipe",
-    "communicator was aborted",
-    "job did not complete",
-)
-
-
-def exception_line(text: str) -> str:
-    """The 'SomeError: message' line of a traceback that submitit re-raised as text."""
-    text = text.split("You can check full logs")[0]
-    lines = [ln.split("]: ", 1)[-1] for ln in text.splitlines() if ln.strip() and not ln.startswith("---")]
-    hits = [ln.strip() for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", ln.strip())]
-    return hits[-1] if hits else (lines[-1].strip() if lines else "no message")
-
-
-def first_failure(job) -> str:
-    """The real exception of the failing task, not a neighbour's timeout or broken connection.
-
-    Read from every task's stderr, never by asking submitit for results: a task killed by Slurm
-    (--kill-on-bad-exit) writes none, and waiting for it would hang."""
-    texts = {}
-    for i in range(job.num_tasks):
-        try:
-            with open(job.task(i).paths.stderr, errors="replace") as f:
-                texts[i] = f.read()
-        except OSError:
-            continue
-    messages = [(i, exception_line(t)) for i, t in texts.items() if re.search(r"(Error|Exception)\b", t)]
-    for i, msg in messages:  # a rank's own error beats what its peers saw when it died
-        if not any(k in msg.lower() for k in SECONDARY):
-            return f"rank {i}: {msg}"
-    if messages:
-        return f"rank {messages[0][0]}: {messages[0][1]}"
-    for i, text in texts.items():  # died before Python could raise (srun, container, node): say what it said
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        if lines:  # the first error line is the cause (slurmstepd's execve failure, ...); srun's follow
-            return f"task {i} stderr: {next((ln for ln in lines if 'error' in ln.lower()), lines[-1])}"
-    return "no task wrote anything to its stderr"
 
 
 def run_one(
@@ -179,7 +44,7 @@ def run_one(
     except (ConfigError, DataError) as e:
         return fail(str(e)), ""
 
-    from core.metrics import format_summary, read_result, write_json_atomic
+    from core.metrics import write_json_atomic
     from jobs.executor import describe, free_port, make_executor
     from jobs.task import TrainTask
 
@@ -203,39 +68,49 @@ def run_one(
         return 0, folder
     import submitit
 
-    executor = make_executor(plan, log_dir)
-    os.makedirs(folder, exist_ok=True)
-    write_json_atomic(os.path.join(folder, "config.json"), cfg.to_dict())  # what --resume restarts
-    port = free_port() if cluster == "local" else None
+    from jobs import run_folder
+
     try:
+        created = run_folder.claim(folder, resuming)
+    except ConfigError as e:
+        return fail(str(e)), ""
+    try:
+        executor = make_executor(plan, log_dir)
+        write_json_atomic(os.path.join(folder, "config.json"), cfg.to_dict())  # what --resume restarts
+        port = free_port() if cluster == "local" else None
         # submitit echoes sbatch's stderr on failure; we say it once, below, in one line
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), children_ignore_sigint():
             job = executor.submit(TrainTask(plan, port))
     except submitit.core.utils.FailedJobError as e:  # sbatch refused: say why in its own words
         reason = next((ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()), str(e).strip())
-        shutil_rmtree_quiet(folder)
+        run_folder.release(folder, created)
         return fail(f"sbatch refused the job: {reason.split('error:')[-1].strip()}"), ""
+    except BaseException:  # nothing was queued: the folder goes back to how it was
+        run_folder.release(folder, created)
+        raise
+    run_folder.record_job(folder, job, cluster, log_dir)
     print(f"submitted job {job.job_id} to {cluster} ({layout.processes} task(s)); run folder {folder}", flush=True)
     if no_wait:
-        print(f"not waiting: results will be in {folder}/result.json")
+        print(f"not waiting: results will be in {folder}/result.json; follow it with --attach {folder}")
         return 0, folder
-    try:
-        if quiet and cluster == "local":
-            job.wait()
-        else:
-            follow(job, slurm=cluster == "slurm", echo=not quiet)
-        slurm_results(job) if cluster == "slurm" else job.results()
-    except KeyboardInterrupt:
-        job.cancel()
-        return fail("interrupted: job cancelled", 130), folder
-    except Exception as e:  # a lost node is named first (jobs.nodes), with its ranks and whether a retry fits
-        from jobs.nodes import explain_failure
+    return watch_to_end(job, cluster, folder, cfg, echo=not quiet, quiet=quiet), folder
 
-        why = explain_failure(job, str(e) if isinstance(e, JobVanished) else first_failure(job), cfg)
-        return fail(f"job {job.job_id} failed: {why} (logs in {log_dir})", 1), folder
+
+def watch_to_end(job, cluster: str, folder: str, cfg: RunConfig, echo: bool = True, quiet: bool = False) -> int:
+    """Follow a submitted (or re-attached) job to its end; print its summary. The exit code."""
+    from core.metrics import format_summary, read_result
+
+    log_dir = os.path.join(folder, "submitit")
+    try:
+        with interruptible():
+            wait_for(job, cluster, cfg, echo=echo, say=lambda line: print(line, flush=True))
+    except Interrupted as e:
+        return stop_job(job, cluster, folder, e.signum)
+    except JobFailed as e:
+        return fail(f"job {job.job_id} failed: {e} (logs in {log_dir})", 1)
     if not quiet:
         print(format_summary(read_result(folder), folder), flush=True)
-    return 0, folder
+    return 0
 
 
 def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
@@ -258,13 +133,16 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     if dry_run:
         print(describe(executor, plan))
         return 0
-    job = executor.submit(PytestTask(marker, ROOT))
+    with children_ignore_sigint():
+        job = executor.submit(PytestTask(marker, ROOT))
     print(f"submitted 'pytest -m {marker}' as job {job.job_id} to {plan.cluster}; logs in {plan.run_dir}", flush=True)
     try:
-        follow(job, slurm=plan.cluster == "slurm", echo=False)
-        code, output = slurm_results(job)[0] if plan.cluster == "slurm" else job.result()
-    except Exception:
-        return fail(f"job {job.job_id} failed: {first_failure(job)}", 1)
+        with interruptible():
+            code, output = wait_for(job, plan.cluster, cfg, echo=False)[0]
+    except Interrupted as e:
+        return stop_job(job, plan.cluster, plan.run_dir, e.signum)
+    except JobFailed as e:
+        return fail(f"job {job.job_id} failed: {e}", 1)
     print(output, flush=True)
     return code
 
@@ -286,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return export(*actions.export, force=actions.force)
+        except ConfigError as e:
+            return fail(str(e))
+    if actions.attach:
+        from jobs.attach import attach
+
+        try:
+            return attach(actions.attach, watch_to_end)
         except ConfigError as e:
             return fail(str(e))
     if actions.resume:

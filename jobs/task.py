@@ -28,16 +28,19 @@ class TrainTask:
         self.master_port = master_port  # local runs: a free port picked on the host; Slurm: from the job id
 
     def __call__(self) -> dict | None:
+        from core.stop import PREEMPT, StopRequest
+
+        # first, before torch loads: a signal that comes early is still a clean stop (core.stop);
+        # this replaces submitit's USR2 handler: we checkpoint at a step boundary ourselves
+        stop = StopRequest()
+        stop.install()
         from core import distributed, train
-        from core.checkpoint import StopRequest
         from jobs.strategies import get_build
 
         plan, layout = self.plan, self.plan.layout
         slurm = "SLURM_JOB_ID" in os.environ
         if slurm:
             _forget_previous_result()
-        stop = StopRequest()
-        stop.install()  # replaces submitit's USR2 handler: we checkpoint at a step boundary ourselves
         if layout.distributed and "RANK" not in os.environ:  # torchrun already set them
             import submitit
 
@@ -52,8 +55,10 @@ class TrainTask:
         try:
             result = train.run(plan.cfg, state, get_build(plan.cfg.strategy), out_dir=plan.run_dir, stop=stop)
         except train.Preempted as e:
-            if not slurm:
-                raise RuntimeError(f"stopped: {e}; continue with --resume {plan.run_dir}") from None
+            if not slurm or stop.agreed_kind != PREEMPT:  # a stop (scancel, Ctrl-C) ends the job
+                raise RuntimeError(
+                    f"stopped by {stop.signal_name or 'a peer'}: {e}; continue with --resume {plan.run_dir}"
+                ) from None
             if state.is_main:  # one writer asks for the requeue; the job restarts and resumes
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
             sys.stdout.flush()
