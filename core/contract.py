@@ -49,7 +49,8 @@ def check_cut(model: BlockModel, cfg: RunConfig, stages: int) -> None:
             f"--model {cfg.model} overrides forward(): a pipeline stage runs only its blocks, in order, so "
             "that code would never run: move it into a block (or use --strategy mp)"
         )
-    names = stage_blocks(model, stages, cfg.split) if cfg.split is not None else None
+    # the cut is known here when --split gives it or there is none; else --balance picks it in the job
+    names = stage_blocks(model, stages, cfg.split) if cfg.split is not None or stages == 1 else None
     if names is None and not tied_groups(model):
         return
     why = tie_refusal(model, names, cfg.model)
