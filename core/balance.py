@@ -23,6 +23,7 @@ import torch.distributed as dist
 from core.block_profile import BlockCost, profile_blocks
 from core.config import ConfigError, RunConfig
 from core.distributed import DistState
+from core.models import describe
 from core.models.base import BlockModel
 from core.partition import balanced_split, time_split
 
@@ -137,10 +138,11 @@ def _capacity(device: torch.device, stages_per_rank: int) -> float | None:
 
 def _stage_bytes(cfg: RunConfig, state: DistState, blocks: list[BlockCost], m: int):
     """Memory a stage needs: weights, gradients and optimizer state (AdamW: 2 more copies, SGD
-    none), plus its activations times the micro-batches it holds at once: GPipe all m, 1F1B-like
-    schedules the stages after it (the first stage holds p, the last 1). Under tp a block's share
-    is 1/tp. An estimate: enough to refuse a split that cannot fit, not to promise one that does."""
-    states = 4 if cfg.model == "gpt" else 2
+    none; the model says, BlockModel.optimizer_state_copies), plus its activations times the
+    micro-batches it holds at once: GPipe all m, 1F1B-like schedules the stages after it (the first
+    stage holds p, the last 1). Under tp a block's share is 1/tp. An estimate: enough to refuse a
+    split that cannot fit, not to promise one that does."""
+    states = 2 + describe(cfg.model, cfg.flavor).optimizer_state_copies()  # weights, gradients, optimizer
     n, tp = state.layout.stages, state.layout.tp
 
     def stage_bytes(stage: int, i: int, j: int) -> float:

@@ -74,6 +74,14 @@ class BlockModel(nn.Module):
         """``--dataset synthetic``: data shaped for this model (train and a held-out tail)."""
         raise NotImplementedError(f"{type(self).__name__} has no synthetic data: give --dataset")
 
+    def optimizer_state_copies(self) -> int:
+        """Copies of each parameter the optimizer keeps (memory estimates): Adam's two moments,
+        SGD's momentum buffer."""
+        cls, kwargs = self.optimizer
+        if issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
+            return 2
+        return 1 if kwargs.get("momentum") else 0
+
     def block_names(self) -> list[str]:
         return list(self.blocks.keys())
 
