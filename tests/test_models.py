@@ -96,3 +96,41 @@ def test_delay_model_waits_forward_and_twice_that_backward():
     f = sum(m.flavor.forward_ms(i, len(x)) for i in range(m.flavor.blocks)) / 1000  # per sample: 4 samples
     assert t1 - t0 >= f and t2 - t1 >= 2 * f  # sleeps are lower bounds; no upper bound (shared machine)
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_nothing_outside_the_models_branches_on_a_model_name():
+    # a model carries what only it knows (core.models.base.BlockModel): no `cfg.model == "gpt"`
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for package in ("core", "mp", "pp", "tp", "jobs"):
+        for folder, _, files in os.walk(os.path.join(root, package)):
+            if os.path.basename(folder) == "models":
+                continue
+            for f in (f for f in files if f.endswith(".py")):
+                tree = ast.parse(open(os.path.join(folder, f)).read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Compare):
+                        operands = [node.left, *node.comparators]
+                        named = [o for o in operands if isinstance(o, ast.Attribute) and o.attr == "model"]
+                        assert not named, f"{folder}/{f}:{node.lineno} compares the model's name"
+
+
+def test_models_come_from_one_registry_of_import_paths(tmp_path, monkeypatch):
+    from core.models import describe
+    from core.models.registry import MODELS, model_factory
+
+    for name, path in MODELS.items():
+        module, _, attr = path.partition(":")
+        assert model_factory(name) is getattr(__import__(module, fromlist=[attr]), attr)
+        assert next(describe(name, "tiny").parameters()).is_meta  # checked on the host without memory
+    # a user's factory is found the same way, by its import path
+    (tmp_path / "tiny_user.py").write_text(
+        "from torch import nn\nfrom core.models import BlockModel\n"
+        "class M(BlockModel):\n"
+        "    default_batch_size = 5\n"
+        "    def __init__(self):\n        super().__init__()\n        self.blocks['a'] = nn.Linear(2, 2)\n"
+        "def make(flavor):\n    return M()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from helpers import cfg
+
+    assert cfg(model="tiny_user:make").resolved_batch_size == 5  # the model's own default
