@@ -35,8 +35,7 @@ class SubmitActions:
     )
     attach: str | None = option(
         None,
-        "follow the job already running for RUN_DIR (after the submit command was closed): its log, "
-        "then its summary",
+        "follow the job already running for RUN_DIR (after the submit command was closed): its log, then its summary",
         metavar="RUN_DIR",
     )
     force: bool = option(False, "--export: replace FILE if it exists")

@@ -129,6 +129,42 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=120 State=UP OverSubsc
         self.stop()
         raise RuntimeError(f"Slurm did not come up in {timeout_s:.0f} s; logs in {f}/log")
 
+    def _controller(self) -> subprocess.Popen | None:
+        return next((p for p in self.procs if "slurmctld" in str(p.args[0])), None)
+
+    def stop_controller(self) -> None:
+        """Take slurmctld down (a controller outage); jobs already running go on on their node."""
+        p = self._controller()
+        if p is not None:
+            p.terminate()
+            p.wait(timeout=30)
+            self.procs.remove(p)
+
+    def start_controller(self, timeout_s: float = 30.0) -> None:
+        """Bring slurmctld back; it recovers its jobs from StateSaveLocation."""
+        env = self.environ()
+        self.procs.insert(
+            1,
+            subprocess.Popen(
+                [_exe("slurmctld"), "-D", "-f", self.conf],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+        )
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if subprocess.run(["sinfo", "-h"], env=env, capture_output=True).returncode == 0:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"slurmctld did not come back in {timeout_s:.0f} s; logs in {self.folder}/log")
+
+    def scontrol(self, *args: str) -> str:
+        p = subprocess.run(["scontrol", *args], env=self.environ(), capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"scontrol {' '.join(args)}: {p.stderr.strip()}")
+        return p.stdout
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.terminate()

@@ -1,0 +1,108 @@
+"""The submit command tells the truth about a local job (issue 11): the rank that went away is
+named, Ctrl-C and SIGTERM stop with a checkpoint and one line, a run folder belongs to one run,
+``--attach`` follows a job whose submit command is gone. Real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from procs import rank0_log, rank_pid, start_submit, wait_for_text
+
+from helpers import run_submit
+
+# a pp job of the delay model that runs until it is stopped (each step waits a few ms per sample)
+LONG = ("--strategy", "pp", "--gpus", "2", "--model", "delay", "--steps", "100000", "--cluster", "local")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_the_rank_that_went_away_is_named_not_its_peer(tmp_path, how):
+    """kill -9 (the OOM killer) or SIGSTOP (a hung driver) of rank 1: rank 0 only sees a reset
+    connection or a timeout; the line must name rank 1."""
+    out = tmp_path / "run"
+    p = start_submit(*LONG, "--dist-timeout", "20", "--out", out, cwd=tmp_path)
+    try:
+        wait_for_text(rank0_log(str(out)), "step 1/")
+        victim = rank_pid(1, str(out))
+        os.kill(victim, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        stdout, stderr = p.communicate(timeout=150)
+    finally:
+        p.kill()
+    assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert "rank 1 stopped or was killed without an error of its own" in line, line
+    assert "rank 0 then saw" in line  # the peer's view is kept, as the secondary evidence
+    assert not _alive(victim)  # a stopped rank is not left behind
+
+
+def test_ctrl_c_checkpoints_then_stops_in_one_line_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    p = start_submit(*LONG, "--checkpoint-every", "100000", "--out", out, cwd=tmp_path)
+    wait_for_text(rank0_log(str(out)), "step 1/")
+    controller = json.loads((out / "run.json").read_text())["controller_pid"]
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stdout + stderr
+    assert "with a checkpoint: continue with --resume" in stdout
+    assert not _alive(controller)
+    from core.checkpoint import latest_checkpoint
+
+    step = latest_checkpoint(str(out))["position"]["step"]
+    assert step >= 1
+    r = run_submit("--resume", out, "--steps", step + 2, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == step + 2 and len(result["losses"]) == step + 2
+
+
+def test_sigterm_to_the_submit_command_leaves_no_orphan(tmp_path):
+    out = tmp_path / "run"
+    p = start_submit(*LONG, "--out", out, cwd=tmp_path)
+    wait_for_text(rank0_log(str(out)), "step 1/")
+    ranks = [rank_pid(r, str(out)) for r in (0, 1)]
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    assert "SIGTERM: stopping job" in stdout
+    deadline = time.time() + 15
+    while any(map(_alive, ranks)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, ranks)), "a rank outlived the submit command"
+
+
+def test_a_run_folder_belongs_to_one_run_and_attach_follows_it(tmp_path):
+    out = tmp_path / "run"
+    p = start_submit(*LONG[:-4], "--steps", "150", "--cluster", "local", "--out", out, cwd=tmp_path)
+    try:
+        wait_for_text(rank0_log(str(out)), "step 1/")
+        # a second run on the same folder, and a resume of a run that is still going: both refused
+        again = run_submit(*LONG, "--out", out, cwd=tmp_path, timeout=120)
+        assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr
+        resume = run_submit("--resume", out, cwd=tmp_path, timeout=120)
+        assert resume.returncode == 2, resume.stderr
+        assert "still RUNNING: follow it with --attach" in resume.stderr or "no checkpoint" in resume.stderr
+        # the submit command dies (a closed laptop lid): the job goes on, --attach picks it up
+        p.kill()
+        p.wait()
+        attached = run_submit("--attach", out, cwd=tmp_path, timeout=600)
+    finally:
+        p.kill()
+    assert attached.returncode == 0, attached.stdout[-2000:] + attached.stderr[-2000:]
+    assert "attached to job" in attached.stdout and "results in" in attached.stdout
+    assert json.loads((out / "result.json").read_text())["steps"] == 150
