@@ -261,7 +261,7 @@ def table(report: dict) -> str:
 
     rows = [f"{'node':<10} {'devices':<22} {'matmul GFLOP/s':>15} {'all-reduce GB/s':>16}  result"]
     for nd, r in report["nodes"].items():
-        dev = f"{r['visible']}x {r['device']}"[:22] + ("" if r["usable"] else " BROKEN")
+        dev = f"{len(r['ranks'])}x {r['device']}"[:22] + ("" if r["usable"] else " BROKEN")  # one per rank
         rows.append(
             f"{nd:<10} {dev:<22} {r['matmul_gflops']:>15.1f} {num(r['allreduce_gbps'], '.3f'):>16}  {ok(r['pass'])}"
         )
