@@ -41,9 +41,9 @@ def job_fields(job_id: str) -> dict[str, str]:
 
 
 def node_health(names: list[str]) -> dict[str, tuple[str, str]]:
-    """node -> (State, Reason) from scontrol."""
+    """node -> (State, Reason) from scontrol; every node of the cluster when ``names`` is empty."""
     out = {}
-    for line in _run("scontrol", "-o", "show", "node", ",".join(names)).splitlines():
+    for line in _run("scontrol", "-o", "show", "node", *([",".join(names)] if names else [])).splitlines():
         name = re.search(r"NodeName=(\S+)", line)
         state = re.search(r"State=(\S+)", line)
         reason = re.search(r"Reason=(.*?)(?: \[|$)", line)

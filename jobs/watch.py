@@ -75,17 +75,21 @@ def query_job(job_id: str) -> SlurmAnswer:
 
 def unavailable_nodes(reason: str | None) -> str:
     """Why the nodes a pending job waits for cannot run it: drained, down or failing ones, named
-    with the reason an admin gave (sinfo's %E)."""
-    if not reason or not re.search(r"ReqNodeNotAvail|Nodes_required|Resources|NodeDown|PartitionNodeLimit", reason):
+    with the reason an admin gave."""
+    if not reason or not re.search(r"ReqNodeNotAvail|Nodes.required|Resources|NodeDown|DRAIN", reason, re.I):
         return ""
-    r = _call(["sinfo", "-h", "-N", "-t", "drain,draining,drained,down,fail,failing", "-o", "%N|%T|%E"])
-    if r is None or r[0] != 0:
-        return ""
-    bad = {}
-    for line in r[1].splitlines():
-        name, state, why = (line.split("|") + ["", ""])[:3]
-        bad.setdefault(name, f"node {name} is {state}" + (f" ({why})" if why and why != "none" else ""))
-    return "; ".join(bad.values())
+    from jobs.nodes import expand_nodelist, is_bad, node_health
+
+    named = re.search(r"UnavailableNodes:(\S+)", reason)
+    health = node_health(expand_nodelist(named.group(1)) if named else [])
+    words = (("DRAIN", "drained"), ("DOWN", "down"), ("FAIL", "failing"), ("NOT_RESPONDING", "not responding"))
+    bad = [
+        f"node {name} is {next((w for k, w in words if k in state.upper()), 'unavailable')} ({state}"
+        + (f", reason: {why})" if why else ")")
+        for name, (state, why) in health.items()
+        if is_bad(state)
+    ]
+    return "; ".join(bad)
 
 
 def _clock(t: float) -> str:
