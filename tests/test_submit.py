@@ -85,6 +85,12 @@ BAD = {
     "max retries negative": (["--max-retries", "-1"], "--max-retries must be 0 or more"),
     "init from a missing file": (["--init-from", "/nonexistent/w.pt"], "is not a file"),
     "unknown dp mode": (["--strategy", "dp", "--gpus", "2", "--dp-mode", "zero3"], "unknown --dp-mode"),
+    # checked too late before (issue 11, point 7)
+    "tp zero": (["--strategy", "tp", "--gpus", "2", "--tp", "0", "--model", "gpt"], "--tp must be at least 1"),
+    "dist timeout zero": (["--dist-timeout", "0"], "--dist-timeout must be a positive number"),
+    "dist timeout negative": (["--dist-timeout", "-1"], "--dist-timeout must be a positive number"),
+    "dist timeout nan": (["--dist-timeout", "nan"], "--dist-timeout must be a positive number"),
+    "data dir empty": (["--data-dir", ""], "--data-dir is empty"),
 }
 
 
@@ -263,3 +269,77 @@ def test_resume_without_a_checkpoint_and_checkpoint_every_zero_are_refused(tmp_p
     assert "no checkpoint there" in capsys.readouterr().err
     assert main(["--checkpoint-every", "0", "--dry-run", "--cluster", "local"]) == 2
     assert "--checkpoint-every must be at least 1" in capsys.readouterr().err
+
+
+# ---- issue 11, point 7: refused before anything starts, nothing created ----------------------
+SHARED_MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+def _mnist_copy(tmp_path, truncate: str | None = None):
+    """A data folder holding the shared real test split, also as the training split (no download
+    is ever attempted: both splits are there), optionally with one file cut short."""
+    import shutil
+
+    raw_in = os.path.join(SHARED_MNIST, "MNIST", "raw")
+    if not os.path.isdir(raw_in):
+        pytest.skip("needs ../shared/data (the MNIST test split), which a fresh clone has not")
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for kind in ("images-idx3", "labels-idx1"):
+        src = os.path.join(raw_in, f"t10k-{kind}-ubyte.gz")
+        for split in ("train", "t10k"):
+            shutil.copy(src, raw / f"{split}-{kind}-ubyte.gz")
+    if truncate:
+        target = raw / truncate
+        target.write_bytes(target.read_bytes()[:5000])
+    return tmp_path / "data"
+
+
+def _refused(args, tmp_path, capsys) -> str:
+    before = set(os.listdir(tmp_path))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert set(os.listdir(tmp_path)) == before  # nothing created
+    return err[0]
+
+
+def test_a_truncated_mnist_file_is_named_with_the_fix(tmp_path, capsys):
+    data = _mnist_copy(tmp_path, truncate="train-images-idx3-ubyte.gz")
+    line = _refused(["--data-dir", str(data), "--steps", "1", "--out", str(tmp_path / "r")], tmp_path, capsys)
+    assert "train-images-idx3-ubyte.gz is damaged" in line and "delete it and run again" in line
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_ranks_start(tmp_path, capsys):
+    data = _mnist_copy(tmp_path)
+    args = ["--data-dir", str(data), "--batch-size", "20000", "--steps", "1", "--out", str(tmp_path / "r")]
+    assert "is more than the 10,000 training digits" in _refused(args, tmp_path, capsys)
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    line = _refused(["--model", "delay", "--out", "/proc/no-such-run"], tmp_path, capsys)
+    assert "--out /proc/no-such-run" in line
+
+
+def test_compare_with_gpus_zero_is_one_line(tmp_path, capsys):
+    assert "--gpus must be at least 1" in _refused(["--compare", "--gpus", "0", "--model", "delay"], tmp_path, capsys)
+
+
+def test_dry_run_creates_nothing_and_says_when_cpus_are_oversubscribed(tmp_path, capsys):
+    cores = len(os.sched_getaffinity(0))
+    data = tmp_path / "never-made"
+    argv = ["--dry-run", "--strategy", "dp", "--gpus", str(cores + 1), "--batch-size", str(cores + 1)]
+    assert main(argv + ["--model", "delay", "--cluster", "local", "--device", "cpu", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "oversubscribed" in out
+    assert main(["--dry-run", "--data-dir", str(data), "--cluster", "local", "--device", "cpu"]) == 0
+    assert os.listdir(tmp_path) == []  # neither the data folder nor a run folder
+
+
+def test_the_time_limit_signal_lead_follows_time(tmp_path, capsys):
+    """A fixed USR2@120 on a 2-minute job arrives before the job starts; the lead is a quarter."""
+    base = ["--dry-run", "--cluster", "slurm", "--model", "delay", "--out", str(tmp_path / "r")]
+    assert main(base + ["--time", "2"]) == 0
+    assert "#SBATCH --signal=USR2@30" in capsys.readouterr().out
+    assert main(base + ["--time", "60"]) == 0
+    assert "#SBATCH --signal=USR2@120" in capsys.readouterr().out
