@@ -144,6 +144,14 @@ class RunConfig:
         flag="--dist-timeout",
         metavar="SEC",
     )
+    hang_timeout_s: float | None = option(
+        None,
+        "seconds without progress after which every rank writes what it is doing (action, peer, stack) "
+        "into RUN/hang/ and the submit command shows one table (default: half of --dist-timeout, so the "
+        "report is written while the ranks still wait)",
+        flag="--hang-timeout",
+        metavar="SEC",
+    )
     log_every: int = option(20, "progress line every N steps")
 
     # ---- derived values -------------------------------------------------------------------
@@ -173,6 +181,10 @@ class RunConfig:
         if self.check_tol is not None:
             return self.check_tol
         return 1e-5 if self.dtype == "fp32" else 2e-2
+
+    @property
+    def resolved_hang_timeout_s(self) -> float:
+        return self.hang_timeout_s if self.hang_timeout_s is not None else self.dist_timeout_s / 2
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -243,6 +255,10 @@ def validate(cfg: RunConfig):
     need(
         math.isfinite(cfg.dist_timeout_s) and cfg.dist_timeout_s > 0,
         f"--dist-timeout must be a positive number of seconds (got {cfg.dist_timeout_s})",
+    )
+    need(
+        cfg.hang_timeout_s is None or (math.isfinite(cfg.hang_timeout_s) and cfg.hang_timeout_s > 0),
+        f"--hang-timeout must be a positive number of seconds (got {cfg.hang_timeout_s})",
     )
     for name, example in (("data_dir", "./data"), ("out", "runs/my-run")):  # '' would mean the current folder
         v = getattr(cfg, name)

@@ -15,24 +15,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from core import faults, metrics
+from core import faults, metrics, progress
 from core.balance import plan_for_run
 from core.checkpoint import Checkpointer
-from core.stop import StopRequest
 from core.config import RunConfig
 from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
 from core.data_parallel import dp_bytes_per_step, mean_over_dp
 from core.distributed import DistState, all_gather_floats
 from core.models import build_model, describe
 from core.reference import ParityChecker
+from core.stop import StopRequest
 from core.strategy import Built
 
 BuildFn = Callable[[nn.Module, RunConfig, DistState], Built]
 
 
-def make_optimizer(
-    cfg: RunConfig, params: list[nn.Parameter], model: nn.Module | None = None
-) -> torch.optim.Optimizer:
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], model: nn.Module | None = None) -> torch.optim.Optimizer:
     """The model's optimizer (``model.optimizer``: SGD unless it says otherwise, AdamW for gpt) at
     --lr; fused kernels on CUDA where the model allows them (``"fused": True``).
 
@@ -150,6 +148,7 @@ def run(
             else f", saved under {saved['strategy']} dp {saved['dp']} pp {saved['pp']} tp {saved['tp']}"
         )
         log(state, f"resumed from {ckpt.dir} at step {step} (epoch {epoch + 1}, batch {skip}{was})")
+    tracker = progress.current()  # what this rank is doing, for a hang report (core/progress.py)
     # ranks agree on a stop with one all-reduce: every step alone, every 10 steps in a group
     stop_every = 1 if state.world_size == 1 else 10
     built.train_mode(True)
@@ -163,6 +162,12 @@ def run(
         for index, (x, y) in enumerate(batches(train, bs, cfg.seed, epoch)):
             if index < skip:  # batches this run saw before its checkpoint
                 continue
+            if micro == 0:
+                if tracker is not None:
+                    tracker.step = step + 1
+                faults.maybe_hang(state.rank, step + 1)  # tests only (core/faults.py)
+                if tracker is not None:
+                    tracker.note(f"step {step + 1}: forward and backward")
             y = y.to(built.target_device, non_blocking=True)
             x_local, y_local = x[shard], y[shard]
             replica_batch = len(x_local)
@@ -179,6 +184,8 @@ def run(
             loss = batch_losses[0] if len(batch_losses) == 1 else torch.stack(batch_losses).mean()
             if checker:
                 checker.compare(float(loss.item()), built, cfg.grad_accum)
+            if tracker is not None:
+                tracker.note(f"step {step + 1}: optimizer")
             opt.step()
             opt.zero_grad(set_to_none=True)
             if checker:

@@ -99,14 +99,21 @@ def run_one(
 def watch_to_end(job, cluster: str, folder: str, cfg: RunConfig, echo: bool = True, quiet: bool = False) -> int:
     """Follow a submitted (or re-attached) job to its end; print its summary. The exit code."""
     from core.metrics import format_summary, read_result
+    from jobs import hang_report
 
     log_dir = os.path.join(folder, "submitit")
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    hangs = hang_report.HangWatch(folder, job.num_tasks, say)
     try:
         with interruptible():
-            wait_for(job, cluster, cfg, echo=echo, say=lambda line: print(line, flush=True))
+            wait_for(job, cluster, cfg, echo=echo, say=say, on_tick=hangs.tick)
     except Interrupted as e:
         return stop_job(job, cluster, folder, e.signum)
     except JobFailed as e:
+        reports = hang_report.read_reports(folder)
+        if reports:  # a stall or a timeout: what every rank was doing, and who stopped first
+            say(f"what each rank was doing (reports in {folder}/hang/):\n{hang_report.table(reports, job.num_tasks)}")
+            e = f"{hang_report.stalled_first(reports, job.num_tasks)}; {e}"
         return fail(f"job {job.job_id} failed: {e} (logs in {log_dir})", 1)
     if not quiet:
         print(format_summary(read_result(folder), folder), flush=True)

@@ -34,7 +34,7 @@ class TrainTask:
         # this replaces submitit's USR2 handler: we checkpoint at a step boundary ourselves
         stop = StopRequest()
         stop.install()
-        from core import distributed, train
+        from core import distributed, progress, train
         from jobs.strategies import get_build
 
         plan, layout = self.plan, self.plan.layout
@@ -51,7 +51,9 @@ class TrainTask:
             distributed.pin_network(verbose=env.rank == 0)
             if plan.requests_gpus:
                 restrict_visible_gpus(env.local_rank, layout.devices_per_process)
+        progress.enable_flight_recorder(plan.run_dir)  # NCCL reads it when the group is created
         state = distributed.init_distributed(layout, plan.device, timeout_s=plan.cfg.dist_timeout_s)
+        tracker = progress.start(state.rank, plan.run_dir, plan.cfg.resolved_hang_timeout_s)
         try:
             result = train.run(plan.cfg, state, get_build(plan.cfg.strategy), out_dir=plan.run_dir, stop=stop)
         except train.Preempted as e:
@@ -64,11 +66,14 @@ class TrainTask:
             sys.stdout.flush()
             os._exit(0)  # leave no result file: the requeued run writes the real one
         except Exception as e:
+            # what this rank was doing when it failed: a peer's timeout names whom it waited for
+            tracker.write_report(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             if slurm and requeue_after_failure(plan, state.rank, e):
                 sys.stdout.flush()
                 os._exit(0)  # the requeued job resumes from the checkpoint and writes the result
             raise
         finally:
+            progress.finish()
             distributed.shutdown()
         return result if state.is_main else None
 

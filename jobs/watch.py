@@ -166,6 +166,7 @@ def follow(
     grace_s: float = 10.0,
     echo: bool = True,
     on_vanished: Callable[[SlurmAnswer], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> None:
     """Print rank 0's log as it grows until ``finished()``; under Slurm also poll ``watch`` and,
     once Slurm has said for ``grace_s`` that the job is over without ``finished()``, call
@@ -189,6 +190,8 @@ def follow(
             for line in chunk.splitlines():
                 if not line.startswith("submitit "):
                     print(f"  | {line}", flush=True)
+        if on_tick is not None:
+            on_tick()
         if done:
             return
         time.sleep(0.5)
@@ -234,7 +237,14 @@ def slurm_results(job) -> list:
     return out
 
 
-def wait_for(job, cluster: str, cfg=None, echo: bool = True, say: Callable[[str], None] = print) -> list:
+def wait_for(
+    job,
+    cluster: str,
+    cfg=None,
+    echo: bool = True,
+    say: Callable[[str], None] = print,
+    on_tick: Callable[[], None] | None = None,
+) -> list:
     """Follow ``job`` to its end: the tasks' return values, or JobFailed naming the rank (and the
     node, jobs.nodes) that failed first."""
     from jobs.blame import job_failure
@@ -269,6 +279,7 @@ def wait_for(job, cluster: str, cfg=None, echo: bool = True, say: Callable[[str]
             watch,
             echo=echo,
             on_vanished=vanished,
+            on_tick=on_tick,
         )
         return slurm_results(job) if slurm else job.results()
     except JobFailed as e:

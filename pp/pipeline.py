@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from core import progress
 from core.config import ConfigError, RunConfig
 from core.data_parallel import replicate_over_dp
 from core.distributed import DistState
@@ -192,6 +193,7 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         # once per step, after the last micro-batch's backward)
         stage = PipelineStage(replicate_over_dp(sub, state), idx, n_stages, device, group=pp_group)
         wrap_stage(recorder, stage)
+        progress.watch_stage(stage, pp_group)
         modules.append(sub)
         stages.append(stage)
     del model  # this rank keeps only its stages

@@ -106,3 +106,30 @@ def test_a_run_folder_belongs_to_one_run_and_attach_follows_it(tmp_path):
     assert attached.returncode == 0, attached.stdout[-2000:] + attached.stderr[-2000:]
     assert "attached to job" in attached.stdout and "results in" in attached.stdout
     assert json.loads((out / "result.json").read_text())["steps"] == 150
+
+
+def test_an_injected_hang_is_named_by_rank_stage_and_action_within_the_bound(tmp_path):
+    """MPS_FAULT=hang (tests only) makes rank 1 of a 3-stage pipeline stop responding at step 3:
+    the table names rank 1, its stage and its action, within --dist-timeout + 15 s of the hang."""
+    out = tmp_path / "run"
+    env = dict(os.environ, MPS_FAULT="hang:rank=1:step=3")
+    args = (*LONG[:3], "3", *LONG[4:], "--dist-timeout", "20", "--hang-timeout", "8", "--out", out)
+    p = start_submit(*args, cwd=tmp_path, env=env)
+    try:
+        wait_for_text(rank0_log(str(out)), "step 1/")
+        hung_at = time.time()  # an upper bound: the hang begins at step 3, after step 1 was logged
+        stdout, stderr = p.communicate(timeout=200)
+        ended = time.time()
+    finally:
+        p.kill()
+    assert p.returncode == 1, stdout[-3000:] + stderr[-3000:]
+    assert ended - hung_at <= 20 + 15 + 10  # dist-timeout + 15 s, + the steps before the hang
+    assert "no progress: what each rank is doing" in stdout  # the watchdog's table, while it waits
+    line = stderr.strip().splitlines()[-1]
+    assert "rank 1 (stage 1)" in line and "stopped making progress, at step 3" in line, line
+    assert "not responding (MPS_FAULT hang" in line
+    table = stdout[stdout.rindex("what each rank was doing") :]
+    row = next(r for r in table.splitlines() if r.startswith("->"))
+    assert row.split()[1:4] == ["1", os.uname().nodename, "1"], row  # rank, node, stage
+    waiting = [r for r in table.splitlines() if "waiting" not in r and "rank 1 (stage 1)" in r]
+    assert waiting, table  # a neighbour names rank 1 as the peer it waits for
