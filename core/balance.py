@@ -26,6 +26,7 @@ from core.distributed import DistState
 from core.models import describe
 from core.models.base import BlockModel
 from core.partition import balanced_split, time_split
+from core.pipeline_schedules import SCHEDULES
 
 # Usable share of a GPU's memory: the caching allocator fragments, CUDA and NCCL keep their own
 MEMORY_HEADROOM = 0.9
@@ -111,21 +112,28 @@ def resolved_balance(cfg: RunConfig) -> str | None:
     return cfg.balance or "time"
 
 
-def _microbatches(cfg: RunConfig, state: DistState) -> int:
+def pipeline_microbatches(cfg: RunConfig, state: DistState) -> int:
+    """Micro-batches per replica's batch, as pp.pipeline.resolved_microbatches counts them (core
+    may not import pp: tests/test_balance.py checks the two agree); mp runs its batch as one."""
     if cfg.strategy != "pp":
-        return 1  # mp runs the replica's whole batch as one micro-batch
-    from pp.pipeline import resolved_microbatches  # the pipeline owns how a batch is cut
+        return 1
+    if cfg.microbatches:
+        return cfg.microbatches
+    b, p = state.layout.local_batch(cfg.resolved_batch_size), state.layout.pp
+    lo = p if SCHEDULES[cfg.schedule].min_microbatches == "p" else 1
+    divisors = [d for d in range(lo, b + 1) if b % d == 0] or [lo]
+    return next((d for d in divisors if d >= 2 * p), divisors[-1])  # the smallest >= 2p: a small bubble
 
-    return resolved_microbatches(cfg, state.layout)
 
-
-def _stage_of_rank(cfg: RunConfig, state: DistState) -> list[int]:
-    n = state.layout.stages
+def stage_owners(cfg: RunConfig, state: DistState) -> list[int]:
+    """The pipeline rank (mp: device) holding each stage, from the schedule table's placement, as
+    pp.schedules.stage_owner places them (checked against it in tests/test_balance.py)."""
+    n, p = state.layout.stages, state.layout.pp
     if cfg.strategy != "pp":
         return list(range(n))
-    from pp.schedules import stage_owner  # the schedule decides which rank holds which chunk
-
-    return [stage_owner(cfg.schedule, s, state.layout.pp) for s in range(n)]
+    if SCHEDULES[cfg.schedule].placement == "v":  # r holds r and 2p-1-r
+        return [s if s < p else 2 * p - 1 - s for s in range(n)]
+    return [s % p for s in range(n)]  # a loop: r holds r, r+p, ...
 
 
 def _capacity(device: torch.device, stages_per_rank: int) -> float | None:
@@ -160,7 +168,7 @@ def plan_for_run(model: BlockModel, cfg: RunConfig, state: DistState, train_x, t
     balance = resolved_balance(cfg)
     if balance is None:
         return None
-    m = _microbatches(cfg, state)
+    m = pipeline_microbatches(cfg, state)
     rows = state.layout.local_batch(cfg.resolved_batch_size) // m
     n = state.layout.stages
     params_split = balanced_split(model.block_params(), n)
@@ -173,7 +181,7 @@ def plan_for_run(model: BlockModel, cfg: RunConfig, state: DistState, train_x, t
             if balance == "time":
                 split = time_split([b.time_s for b in blocks], n, _stage_bytes(cfg, state, blocks, m), capacity)
             plan = SplitPlan(
-                balance, split, params_split, m, rows, str(state.device), blocks, _stage_of_rank(cfg, state), capacity
+                balance, split, params_split, m, rows, str(state.device), blocks, stage_owners(cfg, state), capacity
             )
         except ValueError as e:  # no split fits: every rank must fail with the reason, not wait
             plan = f"{e}: use more --gpus, more --microbatches, or --dtype bf16"

@@ -118,6 +118,22 @@ def test_balance_flag_reaches_result_json_with_predicted_and_measured_stage_time
     assert 0 <= b["predicted"]["bubble_fraction"] < 1 and b["measured"]["bubble_fraction"] is not None
 
 
+@pytest.mark.parametrize("gpus,batch,microbatches", [(2, 16, None), (4, 16, None), (3, 12, None), (4, 16, 8)])
+def test_plan_counts_microbatches_and_places_stages_as_the_pipeline_does(gpus, batch, microbatches):
+    from core.balance import pipeline_microbatches, stage_owners
+    from core.distributed import DistState
+    from core.layout import Layout
+    from pp.pipeline import resolved_microbatches
+    from pp.schedules import SCHEDULES, stage_owner
+
+    for schedule in SCHEDULES:
+        c = cfg(strategy="pp", gpus=gpus, model="delay", schedule=schedule, batch_size=batch, microbatches=microbatches)
+        state = DistState(Layout.from_config(c))
+        assert pipeline_microbatches(c, state) == resolved_microbatches(c, state.layout), schedule
+        owners = [stage_owner(schedule, s, gpus) for s in range(state.layout.stages)]
+        assert stage_owners(c, state) == owners, schedule
+
+
 @pytest.mark.parametrize(
     "kw,message",
     [
