@@ -45,6 +45,7 @@ class Progress:
         self.waiting: dict[tuple, tuple[str, int]] = {}
         self._stop = threading.Event()
         self._reported_at: float | None = None
+        self.armed = False  # from the first note on: setup (data, profiling) may take long
 
     def note(self, action: str, stage: int | None = -1, microbatch: int | None = None) -> None:
         """Progress: ``action`` begins now. ``stage`` -1 keeps the stage noted last (a step-level
@@ -53,6 +54,7 @@ class Progress:
         if stage != -1:
             self.stage = stage
         self.last = time.time()
+        self.armed = True
 
     def expect(self, key: tuple, what: str, peer: int) -> None:
         """A receive was posted: until ``consumed(key)``, this rank may be waiting for it."""
@@ -103,7 +105,7 @@ class Progress:
         every = max(0.5, min(5.0, self.hang_timeout_s / 4))
         while not self._stop.wait(every):
             idle = time.time() - self.last
-            if idle >= self.hang_timeout_s and self._reported_at != self.last:
+            if self.armed and idle >= self.hang_timeout_s and self._reported_at != self.last:
                 self._reported_at = self.last  # one report per stall
                 self.write_report(f"no progress for {idle:.0f} s (--hang-timeout {self.hang_timeout_s:g})")
 
@@ -166,12 +168,12 @@ def watch_stage(stage, group=None) -> None:
     def fwd_recv(p, mb):
         if not stage.is_first:
             p.expect(("F", idx, mb), f"{peer(idx - 1)}: activation of micro-batch {mb}", rank_of(idx - 1))
-        p.note(f"posted receive of micro-batch {mb}'s activation", idx, mb)
+        p.note("posted receive of an activation", idx, mb)
 
     def bwd_recv(p, mb):
         if not stage.is_last:
             p.expect(("B", idx, mb), f"{peer(idx + 1)}: gradient of micro-batch {mb}", rank_of(idx + 1))
-        p.note(f"posted receive of micro-batch {mb}'s gradient", idx, mb)
+        p.note("posted receive of a gradient", idx, mb)
 
     def forward(p, mb):
         p.consumed(("F", idx, mb))

@@ -36,13 +36,13 @@ def table(reports: dict[int, dict], world_size: int | None = None) -> str:
         return ""
     now = max(r["reported_at"] for r in reports.values())
     first = culprit(reports)
-    rows = [("", "rank", "node", "stage", "step", "action", "waiting for", "last progress")]
+    rows = [("", "rank", "node", "stage", "step", "micro-batch", "action", "waiting for", "last progress")]
     for rank in range(world_size or max(reports) + 1):
         r = reports.get(rank)
         if r is None:
-            rows.append(("", str(rank), "?", "?", "?", "no report: stopped or killed before it could write", "", ""))
+            gone = "no report: stopped or killed before it could write"
+            rows.append(("", str(rank), "?", "?", "?", "?", gone, "", ""))
             continue
-        mb = f", micro-batch {r['microbatch']}" if r.get("microbatch") is not None else ""
         rows.append(
             (
                 "->" if rank == first else "",
@@ -50,7 +50,8 @@ def table(reports: dict[int, dict], world_size: int | None = None) -> str:
                 r["node"],
                 "-" if r.get("stage") is None else str(r["stage"]),
                 str(r["step"]),
-                f"{r['action']}{mb}",
+                "-" if r.get("microbatch") is None else str(r["microbatch"]),
+                r["action"],
                 r.get("waiting_for") or "",
                 _ago(r["last_progress_at"], now),
             )
