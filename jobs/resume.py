@@ -43,8 +43,16 @@ def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
                 f"{getattr(saved, name)}; a checkpoint continues the same training: start a new run "
                 "(--init-from takes exported weights)"
             )
+    if "out" in given and os.path.abspath(cfg.out) != os.path.abspath(run_dir):
+        raise ConfigError(
+            f"--resume {run_dir} continues in its own folder: drop --out {cfg.out} (or copy the run "
+            "folder there and resume that)"
+        )
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     changes = {name: getattr(cfg, name) for name in given & fields if name not in FIXED and name != "out"}
+    if changes:  # every flag given is applied, and said so: nothing is dropped silently
+        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(changes.items()))
+        print(f"resume: applying {shown} over the saved configuration", flush=True)
     resumed = dataclasses.replace(saved, out=os.path.abspath(run_dir), **changes)
     if "epochs" in given:
         resumed = dataclasses.replace(resumed, steps=None)

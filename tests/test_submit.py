@@ -248,7 +248,11 @@ def test_resume_takes_layout_flags_and_refuses_another_model(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps(RunConfig(strategy="pp", gpus=2, model="gpt").to_dict()))
     local = ["--cluster", "local", "--device", "cpu", "--dry-run"]
     assert main(["--resume", str(run), "--strategy", "pp", "--gpus", "4", "--dp", "2", *local]) == 0
-    assert "layout: pp, dp 2 x pp 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "layout: pp, dp 2 x pp 2" in out
+    assert "resume: applying --cluster local, --device cpu, --dp 2, --gpus 4, --strategy pp" in out  # all said
+    assert main(["--resume", str(run), "--out", str(tmp_path / "elsewhere"), *local]) == 2
+    assert "continues in its own folder: drop --out" in capsys.readouterr().err
     for flags, said in (
         (["--model", "mnist-cnn"], "--model mnist-cnn differs from the saved run's gpt"),
         (["--batch-size", "16"], "--batch-size 16 differs"),
