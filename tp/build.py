@@ -23,6 +23,12 @@ def loss_context(cfg: RunConfig):
     return contextlib.nullcontext()
 
 
+def eager_if(flag: bool):
+    """Compiled blocks run uncompiled inside (torch.compiler.set_stance, torch >= 2.6)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if flag and stance else contextlib.nullcontext()
+
+
 def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     device = state.device
     model.to(device)
@@ -32,9 +38,10 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
     comm: dict = {}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # count the collectives of the first step only: counting costs a dispatch per op
+        # count the collectives of the first step only: counting costs a dispatch per op. That
+        # step runs eagerly: torch.compile does not trace under a dispatch mode (CommDebugMode)
         counter = CommCounter() if not comm else contextlib.nullcontext()
-        with counter:
+        with counter, eager_if(bool(cfg.compile and not comm)):
             with autocast(cfg, device):
                 out = run(x)
             with loss_context(cfg):

@@ -132,10 +132,17 @@ class GPT(BlockModel):
         desc = f"synthetic token stream: {n:,} sequences of {f.seq_len} tokens, vocabulary {f.vocab}"
         return Dataset(Split(split.x[:n], split.y[:n]), Split(split.x[n:], split.y[n:]), desc)
 
+    sp_dim = 0
+    """The dimension of (B, T, d) that sequence parallel shards the tokens on: 0, each rank holds
+    B/tp whole sequences (contiguous shards: NCCL gathers and scatters them in place); 1, each rank
+    T/tp positions of every sequence, Megatron's picture, which costs a copy (torch.cat) around every
+    all-gather and reduce-scatter in this (B, T, d) layout: 10 ms of a 356m step on an H200 (issue
+    15). Norms, residual adds and dropout are per token, so either split computes the same."""
+
     def tp_plan(self, sequence_parallel: bool = False, loss_parallel: bool = False) -> dict | None:
         """Megatron's split (Shoeybi et al. 2019). Between blocks the activations are REPLICATED
-        (every rank holds the whole (B, T, d) tensor) or, with sequence parallel, SHARDED ON THE
-        SEQUENCE DIM (Shard(1)): each rank holds T/tp rows. The vocabulary-parallel embedding sums
+        (every rank holds the whole (B, T, d) tensor) or, with sequence parallel, SHARDED OVER THE
+        TOKENS (Shard(sp_dim), by default whole sequences: B/tp rows). The vocabulary-parallel embedding sums
         partial lookups; the head is column-split over the vocabulary (loss parallel: the logits
         stay sharded, Shard(-1), and cross-entropy reduces across ranks). Blocks a pipeline stage
         does not hold are left out of its plan by the style."""
@@ -147,19 +154,23 @@ class GPT(BlockModel):
             SequenceParallel,
         )
 
-        layers = [n for n in self.blocks if n.startswith("h")]
+        from tp.styles import ReplicateParallel
+
+        layers = [n for n in self.blocks if n[0] == "h" and n[1:].isdigit()]  # h0..h{L-1}, not head
         plan: dict = {"blocks.embed.tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+        # every parameter a DTensor, the unsplit ones Replicate: AdamW then steps fused (tp/styles.py)
+        plan["blocks.embed.pos"] = ReplicateParallel()
         if sequence_parallel and layers:
-            # the first layer receives the replicated embedding and keeps only its sequence shard
+            # the first layer receives the replicated embedding and keeps only its token shard
             plan[f"blocks.{layers[0]}"] = PrepareModuleInput(
-                input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)
+                input_layouts=(Replicate(),), desired_input_layouts=(Shard(self.sp_dim),)
             )
         for name in layers:
-            plan.update(gpt_layer_plan(f"blocks.{name}", sequence_parallel))
-        if sequence_parallel:
-            plan["blocks.head.norm"] = SequenceParallel()
+            plan.update(gpt_layer_plan(f"blocks.{name}", sequence_parallel, self.sp_dim))
+        norm = SequenceParallel(sequence_dim=self.sp_dim) if sequence_parallel else ReplicateParallel()
+        plan["blocks.head.norm"] = norm
         plan["blocks.head.out"] = ColwiseParallel(
-            input_layouts=Shard(1) if sequence_parallel else Replicate(),
+            input_layouts=Shard(self.sp_dim) if sequence_parallel else Replicate(),
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         )
@@ -172,47 +183,51 @@ class GPT(BlockModel):
         for what, n in (("attention heads", f.heads), ("vocabulary", f.vocab), ("model width", f.dim)):
             if n % tp:
                 return f"tensor parallel {tp} does not divide gpt {self.flavor_name}'s {what} ({n}): pick a divisor"
-        if sequence_parallel and f.seq_len % tp:
+        if sequence_parallel and self.sp_dim == 1 and f.seq_len % tp:
             return f"--sequence-parallel needs the sequence length {f.seq_len} divisible by {tp}"
         if in_pipeline and sequence_parallel:
             return "--sequence-parallel inside pipeline stages is not supported: drop it or use --strategy tp"
         return None
 
 
-def gpt_layer_plan(prefix: str, sequence_parallel: bool) -> dict:
+def gpt_layer_plan(prefix: str, sequence_parallel: bool, sp_dim: int = 0) -> dict:
     """One transformer layer: q, k, v column-split (each rank computes heads/tp heads), o
     row-split; MLP up column-split (4d/tp hidden units per rank), down row-split. Each row-split
     matmul leaves partial sums that ONE all-reduce joins: two all-reduces forward per layer, two
     backward. Sequence parallel turns each into a reduce-scatter plus an all-gather and shards the
     norms. ``attn`` and ``mlp`` take their input as one replicated DTensor (use_local_output=False)
-    so q, k and v share it: their partial input gradients add up before ONE backward all-reduce."""
+    so q, k and v share it: their partial input gradients add up before ONE backward all-reduce,
+    cast to the autocast dtype first (tp/styles.py PrepareModuleInputCast: bf16 collectives both
+    ways; the norms' float32 output made them float32 in backward and, sequence parallel, forward)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
-        PrepareModuleInput,
         RowwiseParallel,
         SequenceParallel,
     )
 
-    between = Shard(1) if sequence_parallel else Replicate()  # layout of activations between blocks
+    from tp.styles import PrepareModuleInputCast, ReplicateParallel
+
+    between = Shard(sp_dim) if sequence_parallel else Replicate()  # layout of activations between blocks
     plan = {
-        f"{prefix}.attn": PrepareModuleInput(
+        f"{prefix}.attn": PrepareModuleInputCast(
             input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_output=False
         ),
         f"{prefix}.attn.q": ColwiseParallel(),
         f"{prefix}.attn.k": ColwiseParallel(),
         f"{prefix}.attn.v": ColwiseParallel(),
-        # with sequence parallel the residual stream stays a DTensor (Shard(1)) between blocks
+        # with sequence parallel the residual stream stays a DTensor (Shard) between blocks
         f"{prefix}.attn.o": RowwiseParallel(output_layouts=between, use_local_output=not sequence_parallel),
-        f"{prefix}.mlp": PrepareModuleInput(
+        f"{prefix}.mlp": PrepareModuleInputCast(
             input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_output=False
         ),
         f"{prefix}.mlp.up": ColwiseParallel(),
         f"{prefix}.mlp.down": RowwiseParallel(output_layouts=between, use_local_output=not sequence_parallel),
     }
-    if sequence_parallel:
-        plan[f"{prefix}.ln1"] = SequenceParallel()
-        plan[f"{prefix}.ln2"] = SequenceParallel()
+    # the norms: sharded on the sequence (sequence parallel) or whole on every rank, their weights
+    # Replicate DTensors either way so that AdamW steps every parameter fused (tp/styles.py)
+    for ln in ("ln1", "ln2"):
+        plan[f"{prefix}.{ln}"] = SequenceParallel(sequence_dim=sp_dim) if sequence_parallel else ReplicateParallel()
     return plan
 
 
