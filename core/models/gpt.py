@@ -154,11 +154,11 @@ class GPT(BlockModel):
             SequenceParallel,
         )
 
-        from tp.styles import ReplicateParallel
+        from core.models.tp_styles import ReplicateParallel
 
         layers = [n for n in self.blocks if n[0] == "h" and n[1:].isdigit()]  # h0..h{L-1}, not head
         plan: dict = {"blocks.embed.tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
-        # every parameter a DTensor, the unsplit ones Replicate: AdamW then steps fused (tp/styles.py)
+        # every parameter a DTensor, the unsplit ones Replicate: AdamW then steps fused (core/models/tp_styles.py)
         plan["blocks.embed.pos"] = ReplicateParallel()
         if sequence_parallel and layers:
             # the first layer receives the replicated embedding and keeps only its token shard
@@ -197,7 +197,7 @@ def gpt_layer_plan(prefix: str, sequence_parallel: bool, sp_dim: int = 0) -> dic
     backward. Sequence parallel turns each into a reduce-scatter plus an all-gather and shards the
     norms. ``attn`` and ``mlp`` take their input as one replicated DTensor (use_local_output=False)
     so q, k and v share it: their partial input gradients add up before ONE backward all-reduce,
-    cast to the autocast dtype first (tp/styles.py PrepareModuleInputCast: bf16 collectives both
+    cast to the autocast dtype first (core/models/tp_styles.py PrepareModuleInputCast: bf16 collectives both
     ways; the norms' float32 output made them float32 in backward and, sequence parallel, forward)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -206,7 +206,7 @@ def gpt_layer_plan(prefix: str, sequence_parallel: bool, sp_dim: int = 0) -> dic
         SequenceParallel,
     )
 
-    from tp.styles import PrepareModuleInputCast, ReplicateParallel
+    from core.models.tp_styles import PrepareModuleInputCast, ReplicateParallel
 
     between = Shard(sp_dim) if sequence_parallel else Replicate()  # layout of activations between blocks
     plan = {
@@ -225,7 +225,7 @@ def gpt_layer_plan(prefix: str, sequence_parallel: bool, sp_dim: int = 0) -> dic
         f"{prefix}.mlp.down": RowwiseParallel(output_layouts=between, use_local_output=not sequence_parallel),
     }
     # the norms: sharded on the sequence (sequence parallel) or whole on every rank, their weights
-    # Replicate DTensors either way so that AdamW steps every parameter fused (tp/styles.py)
+    # Replicate DTensors either way so that AdamW steps every parameter fused (core/models/tp_styles.py)
     for ln in ("ln1", "ln2"):
         plan[f"{prefix}.{ln}"] = SequenceParallel(sequence_dim=sp_dim) if sequence_parallel else ReplicateParallel()
     return plan

@@ -1,5 +1,7 @@
 """Parallel styles torch does not ship, for plans to use beside ColwiseParallel and RowwiseParallel.
 
+They live beside the models, whose plans name them, because core imports nothing from tp/.
+
 ``ReplicateParallel``: the module's parameters become Replicate DTensors on the tensor-parallel
 mesh, its plain-tensor inputs enter as Replicate DTensors and its output leaves as a plain tensor
 again, so the module computes exactly what it did (every rank the whole thing) and nothing is
