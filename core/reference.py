@@ -86,8 +86,10 @@ class CheckSummary:
         is rounding noise moves a full step either way (gpt tiny, tp 2, loss parallel: gradients
         5e-7 apart, updates 3.5e-5, measured). A wrong learning rate shows as |factor - 1|: a 10x
         rate gives 9, a 1.2x rate 0.2, far outside. SGD's update is lr x gradient: its difference
-        is the gradient's, well inside."""
-        return min(100 * self.tolerance, 0.1)
+        is the gradient's, well inside. bf16 (gradients ~1e-2 apart) moves more elements' Adam
+        steps by noise: gpt tiny tp 2 on 2 H200s measured 0.35 with gradients 8.6e-3 apart, so the
+        cap is 0.5 there: a 10x or 2x rate (9, 1.0) still fails."""
+        return min(100 * self.tolerance, 0.1 if self.tolerance < 1e-3 else 0.5)
 
     def to_dict(self) -> dict:
         return {
