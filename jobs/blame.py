@@ -84,12 +84,19 @@ def first_failure(texts: dict[int, str], num_tasks: int) -> str:
             return f"rank {i} stopped or was killed without an error of its own{how}; rank {peer} then saw: {msg}"
         i, msg = next(iter(errors.items()))  # 3. everyone reports a lost peer
         return f"rank {i}: {msg}"
+    # 4. died before Python could raise: the first error line that is not srun's exit report is the
+    # cause (slurmstepd's execve failure, a missing container runtime); srun's report follows it
+    for i, text in sorted(texts.items()):
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("submitit ")]
+        cause = next((ln for ln in lines if "error" in ln.lower() and not SRUN_TASK.search(ln)), None)
+        if cause:
+            return f"task {i} stderr: {cause}"
     if srun:
         return next(iter(srun.values()))
-    for i, text in sorted(texts.items()):  # 4. died before Python could raise
+    for i, text in sorted(texts.items()):
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("submitit ")]
-        if lines:  # the first error line is the cause (slurmstepd's execve failure, ...); srun's follow
-            return f"task {i} stderr: {next((ln for ln in lines if 'error' in ln.lower()), lines[-1])}"
+        if lines:
+            return f"task {i} stderr: {lines[-1]}"
     return "no task wrote anything to its stderr"
 
 
