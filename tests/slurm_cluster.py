@@ -174,3 +174,16 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=120 State=UP OverSubsc
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs.clear()
+        self._kill_clients()
+
+    def _kill_clients(self) -> None:
+        """srun (and the batch shells) of jobs that were still queued or running when the daemons
+        stopped would wait for their controller forever: end every process of this cluster."""
+        mine = f"SLURM_CONF={self.conf}".encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if mine in f.read().split(b"\0") and int(pid) != os.getpid():
+                        os.kill(int(pid), 9)
+            except (OSError, ValueError):
+                continue
