@@ -114,7 +114,7 @@ class SlurmWatch:
         self.checked = 0.0
         self.silent_since: float | None = None
         self.reminded = 0.0
-        self.reason_shown: tuple | None = None
+        self.reason_shown: str | None = None
         self.ended_since: float | None = None
 
     @property
@@ -145,9 +145,8 @@ class SlurmWatch:
             )
             self.silent_since = None
         if a.state == "PENDING":
-            shown = (a.reason,)
-            if a.reason and shown != self.reason_shown:
-                self.reason_shown = shown
+            if a.reason and a.reason != self.reason_shown:
+                self.reason_shown = a.reason
                 nodes = unavailable_nodes(a.reason)
                 self.say(
                     f"job {self.job_id} pending for {_elapsed(now - self.started)}: {a.reason}"
@@ -251,7 +250,7 @@ def wait_for(
     from jobs.nodes import explain_failure
 
     slurm = cluster == "slurm"
-    watch = SlurmWatch(str(job.job_id), lambda s: say(s) or None) if slurm else None
+    watch = SlurmWatch(str(job.job_id), say) if slurm else None
 
     def vanished(a: SlurmAnswer) -> None:
         raise JobFailed(f"Slurm reports {a.state or 'no such job'} and no result was written; {job_failure(job)}")
