@@ -102,9 +102,8 @@ def test_own_model_runs_check_green_under_pp_tp_dp_and_a_wrong_learning_rate_fai
             assert check["max_grad_rel_diff"] < 1e-5 and check["max_param_rel_diff"] > 5, (case, check)
         else:
             assert_green(check, case)
-        # every rank reports the same worst differences (each names its own worst parameter)
-        numbers = lambda c: {k: v for k, v in c.items() if not k.startswith("worst")}
-        assert numbers(results[1][case]) == numbers(check), case
+        # every rank reports the same worst differences, and names the parameter they were seen on
+        assert results[1][case] == check, case
 
 
 def test_own_model_under_mp_and_a_wrong_learning_rate_fails(outside, monkeypatch):
