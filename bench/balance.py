@@ -46,7 +46,21 @@ COLUMNS = [
     "cost model/ideal",
     "bubble measured",
     "bubble theory",
+    "work/one device",
+    "slowest/mean stage",
 ]
+
+
+def gap_parts(busy_s: list[float], reference_step_s: float) -> dict:
+    """Two of the factors step/ideal is made of, from the timeline's per-stage busy time:
+    the pipeline's total compute against one device's whole step (above 1: the same work in
+    micro-batches runs slower, e.g. smaller GEMMs), and the slowest stage against the mean (the
+    imbalance left after the split). What remains is bubble beyond theory and hand-offs."""
+    mean = sum(busy_s) / len(busy_s)
+    return {
+        "work/one device": f"{sum(busy_s) / reference_step_s:.3f}",
+        "slowest/mean stage": f"{max(busy_s) / mean:.3f}",
+    }
 
 
 def step_s(result: dict) -> float:
@@ -148,6 +162,7 @@ def main() -> int:
                         "cost model/ideal": "-" if cost is None else f"{cost:.3f}",
                         "bubble measured": f"{100 * r['bubble_fraction']:.1f}%",
                         "bubble theory": f"{100 * r['bubble_fraction_theory']:.1f}%",
+                        **gap_parts(b["measured"]["stage_busy_time_s"], step_s(ref)),
                     }
                 )
                 print(rows[-1], flush=True)

@@ -7,8 +7,9 @@ copy its own optimizer (same class, same state) on its own gradients, and the UP
 compared too (the style's new weights against the copy's), so a wrong optimizer step in the
 style (a wrong learning rate, a missed parameter) fails the check. Only then does the copy take
 the style's new weights, all of them (each rank's gathered to every rank), so every step is
-compared from identical weights and rounding differences do not compound over a long run. Dropout is disabled in checked runs: its masks depend on how a batch is cut. A model
-with batch norm sees per-micro-batch statistics in a pipeline: the copy then runs the same
+compared from identical weights and rounding differences do not compound over a long run.
+Dropout is disabled in checked runs: its masks depend on how a batch is cut. A model with batch
+norm sees per-micro-batch statistics in a pipeline: the copy then runs the same
 pieces of the batch one after another (core.models.base.batch_coupled).
 """
 

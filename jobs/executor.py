@@ -161,3 +161,17 @@ def describe(ex: submitit.Executor, plan: LaunchPlan) -> str:
         f"folder {ex.folder}\n"
         f"each process runs: {ex._submitit_command_str}"
     )
+
+
+def preview(plan: LaunchPlan, log_dir: str) -> str:
+    """--dry-run's text for a job whose logs would go to ``log_dir``, creating nothing: submitit's
+    executors make their folder, so the plan is rendered in a scratch one and the name put back."""
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="mps-dry-run-")
+    try:
+        text = describe(make_executor(plan, scratch, preview=True), plan).replace(scratch, log_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return f"dry run: would submit to {plan.cluster}; run folder {plan.run_dir}\n{text}"

@@ -45,7 +45,7 @@ def run_one(
         return fail(str(e)), ""
 
     from core.metrics import write_json_atomic
-    from jobs.executor import describe, free_port, make_executor
+    from jobs.executor import free_port, make_executor, preview
     from jobs.task import TrainTask
 
     folder, cluster, layout = plan.run_dir, plan.cluster, plan.layout
@@ -54,17 +54,8 @@ def run_one(
         print("config: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
         print(layout.describe(), flush=True)
     log_dir = os.path.join(folder, "submitit")
-    if dry_run:  # submitit's executors create their folder: render the plan in a scratch one
-        import shutil
-        import tempfile
-
-        scratch = tempfile.mkdtemp(prefix="mps-dry-run-")
-        try:
-            text = describe(make_executor(plan, scratch, preview=True), plan).replace(scratch, log_dir)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        print(f"dry run: would submit to {cluster}; run folder {folder}")
-        print(text)
+    if dry_run:
+        print(preview(plan, log_dir))
         return 0, folder
     import submitit
 
@@ -125,7 +116,7 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     --gpus GPUs, in --container if given), so a node is checked before it is trusted."""
     import dataclasses
 
-    from jobs.executor import describe, make_executor
+    from jobs import side_job
     from jobs.pytest_job import PytestTask
 
     if not re.fullmatch(r"[A-Za-z_][\w ]*", marker):
@@ -133,23 +124,12 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     # shape the job like mp: one task that sees all the GPUs the tests may use
     cfg = dataclasses.replace(cfg, strategy="mp", model="delay", flavor="tiny", dataset=None, split=None, dp=None)
     try:
-        plan = prepare(cfg, dry_run)
-    except (ConfigError, DataError) as e:
-        return fail(str(e))
-    executor = make_executor(plan, os.path.join(plan.run_dir, "submitit"), preview=dry_run)
-    if dry_run:
-        print(describe(executor, plan))
-        return 0
-    with children_ignore_sigint():
-        job = executor.submit(PytestTask(marker, ROOT))
-    print(f"submitted 'pytest -m {marker}' as job {job.job_id} to {plan.cluster}; logs in {plan.run_dir}", flush=True)
-    try:
-        with interruptible():
-            code, output = wait_for(job, plan.cluster, cfg, echo=False)[0]
-    except Interrupted as e:
-        return stop_job(job, plan.cluster, plan.run_dir, e.signum)
-    except JobFailed as e:
-        return fail(f"job {job.job_id} failed: {e}", 1)
+        job, plan = side_job.submit(cfg, dry_run, lambda plan: PytestTask(marker, ROOT))
+        say = f"submitted 'pytest -m {marker}' as job {job.job_id} to {plan.cluster}; logs in {plan.run_dir}"
+        print(say, flush=True)
+        code, output = side_job.wait(job, plan, cfg, f"'pytest -m {marker}'")
+    except side_job.Ended as e:
+        return e.code
     print(output, flush=True)
     return code
 

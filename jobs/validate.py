@@ -317,12 +317,8 @@ def heatmap(report: dict, path: str) -> None:
 
 def run_validate(cfg, threshold_items: list[str], dry_run: bool = False) -> int:
     """Submit the validation job, wait, judge, write validate.json and validate.png. Exit code."""
-    from core.config import ConfigError
-    from core.data import DataError
-    from jobs.executor import describe, make_executor
-    from jobs.plan import prepare
+    from jobs import side_job
     from jobs.submit import fail
-    from jobs.watch import JobFailed, wait_for
 
     try:
         overrides = parse_thresholds(threshold_items)
@@ -341,27 +337,20 @@ def run_validate(cfg, threshold_items: list[str], dry_run: bool = False) -> int:
         check=False,
         batch_size=cfg.gpus,  # never trained on: only has to split into --gpus shards
     )
-    try:
-        plan = prepare(cfg, dry_run)
-    except (ConfigError, DataError) as e:
-        return fail(str(e))
-    executor = make_executor(plan, os.path.join(plan.run_dir, "submitit"), preview=dry_run)
-    if dry_run:
-        print(describe(executor, plan))
-        return 0
-    os.makedirs(plan.run_dir, exist_ok=True)
-    job = executor.submit(ValidateTask(plan))
-    lay = plan.layout
-    print(
-        f"submitted node validation as job {job.job_id} to {plan.cluster}: {lay.nodes} node(s) x "
-        f"{lay.processes_per_node} process(es); run folder {plan.run_dir}",
-        flush=True,
-    )
     t0 = time.time()
-    try:  # wait_for names a lost node (jobs.nodes) and the first failing rank
-        report = wait_for(job, plan.cluster, dataclasses.replace(cfg, max_retries=0), echo=False)[0]
-    except JobFailed as e:
-        return fail(f"validation job {job.job_id} failed: {e} (logs in {plan.run_dir}/submitit)", 1)
+    try:
+        job, plan = side_job.submit(cfg, dry_run, ValidateTask)
+        lay = plan.layout
+        print(
+            f"submitted node validation as job {job.job_id} to {plan.cluster}: {lay.nodes} node(s) x "
+            f"{lay.processes_per_node} process(es); run folder {plan.run_dir}",
+            flush=True,
+        )
+        # wait_for names a lost node (jobs.nodes) and the first failing rank; no retries: a
+        # validation that lost a node has its answer
+        report = side_job.wait(job, plan, dataclasses.replace(cfg, max_retries=0), "validation")
+    except side_job.Ended as e:
+        return e.code
     thresholds = {**DEFAULTS[report["device_kind"]], **overrides}
     bad = judge(report, thresholds)
     report.update(thresholds=thresholds, failures=bad, passed=not bad, seconds=round(time.time() - t0, 1))

@@ -347,3 +347,18 @@ def test_the_time_limit_signal_lead_follows_time(tmp_path, capsys):
     assert "#SBATCH --signal=USR2@30" in capsys.readouterr().out
     assert main(base + ["--time", "60"]) == 0
     assert "#SBATCH --signal=USR2@120" in capsys.readouterr().out
+
+
+def test_side_jobs_preview_refuse_bad_input_and_run_through_the_one_watcher(tmp_path, capsys):
+    """--pytest and --validate share training's way in (jobs.side_job): a --dry-run preview that
+    creates nothing, one line for bad input, and a real job waited for by the one watcher."""
+    local = ["--cluster", "local", "--device", "cpu"]
+    for extra in (["--pytest", "gpu"], ["--validate", "--gpus", "2"]):
+        out = tmp_path / extra[0].strip("-")
+        assert main(extra + local + ["--dry-run", "--out", str(out)]) == 0, extra
+        assert "dry run: would submit to local" in capsys.readouterr().out and not out.exists(), extra
+    assert main(["--pytest", "gpu; rm -rf ~"] + local) == 2
+    assert "--pytest takes a marker expression" in capsys.readouterr().err
+    # a marker that selects nothing: the suite is collected inside the job, pytest's own exit code 5 comes back
+    p = run_submit("--pytest", "gpu and not gpu", *local, "--out", tmp_path / "pt", cwd=tmp_path)
+    assert p.returncode == 5 and "deselected" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
