@@ -132,7 +132,9 @@ def enable_flight_recorder(run_dir: str | None) -> None:
     ``<run>/hang/`` (read before the process group is created; harmless on gloo)."""
     if not run_dir:
         return
-    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    # TORCH_FR_BUFFER_SIZE: the name torch 2.11 and 2.14 read (the older TORCH_NCCL_TRACE_BUFFER_SIZE
+    # makes every rank print a deprecation warning)
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.makedirs(os.path.join(run_dir, "hang"), exist_ok=True)
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(run_dir, "hang", "nccl-flight-recorder-rank-"))

@@ -61,7 +61,7 @@ def children_ignore_sigint():
         signal.signal(signal.SIGINT, old)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (the local controller's ranks), from /proc."""
     out = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -77,7 +77,7 @@ def _children(pid: int) -> list[int]:
 
 
 def kill_local(process) -> None:
-    for child in _children(process.pid):
+    for child in children(process.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):

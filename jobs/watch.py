@@ -213,6 +213,22 @@ def _a_task_failed(job) -> bool:
     return False
 
 
+def _a_task_died(job, seen_all: list[bool]) -> bool:
+    """A rank process gone without a result file: killed (OOM killer, kill -9) or aborted (NCCL's
+    watchdog ends a process with SIGABRT after a collective timeout). On gloo its peers notice
+    and fail with an error of their own; on NCCL a peer stuck elsewhere never does (2 H200s: the
+    hung rank outlived its aborted peer until the submit command was interrupted). Counted once
+    every rank has been seen running, so a job still starting is not mistaken for a dead one."""
+    from jobs.stopping import children
+
+    live = len(children(job._process.pid))  # before the files: a rank writes its result, then exits
+    if live >= job.num_tasks:
+        seen_all[0] = True
+        return False
+    written = sum(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks))
+    return seen_all[0] and job.num_tasks - live - written > 0
+
+
 class JobFailed(RuntimeError):
     """The job ended without results; the message is the one line the user gets."""
 
@@ -256,13 +272,14 @@ def wait_for(
         raise JobFailed(f"Slurm reports {a.state or 'no such job'} and no result was written; {job_failure(job)}")
 
     failed_since: list[float] = []
+    all_seen = [False]
 
     def local_done() -> bool:
         """Like srun's --kill-on-bad-exit for the local executor: a rank that failed ends the job
         (its peers would wait in a collective until --dist-timeout)."""
         if job.done():
             return True
-        if (cfg is None or cfg.kill_on_bad_exit) and _a_task_failed(job):
+        if (cfg is None or cfg.kill_on_bad_exit) and (_a_task_failed(job) or _a_task_died(job, all_seen)):
             failed_since.append(time.time())
             if time.time() - failed_since[0] > LOCAL_KILL_GRACE_S:
                 from jobs.stopping import kill_local

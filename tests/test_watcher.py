@@ -50,6 +50,37 @@ def test_the_rank_that_went_away_is_named_not_its_peer(tmp_path, how):
     assert not _alive(victim)  # a stopped rank is not left behind
 
 
+def test_a_rank_dead_without_a_word_ends_the_job_even_when_its_peer_cannot_notice(tmp_path):
+    """NCCL's case on CPU: rank 1 is stuck where no collective times out (MPS_FAULT hang) and rank 0
+    dies without writing a result (NCCL's watchdog aborts it; here kill -9). No peer fails with an
+    error, so only the dead process tells: the job must end well before --dist-timeout (300 s)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, MPS_FAULT="hang:rank=1:step=3")
+    p = start_submit(*LONG, "--hang-timeout", "4", "--max-retries", "0", "--out", out, cwd=tmp_path, env=env)
+    try:
+        wait_for_text(str(out / "hang" / "rank-1.json"), "not responding")  # rank 1 is in the hang
+        victim = rank_pid(0, str(out))
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        stdout, stderr = p.communicate(timeout=120)
+        ended = time.time()
+    finally:
+        p.kill()
+    assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    assert ended - killed < 60, ended - killed  # seconds: the watcher's poll and 5 s grace, not 300
+    # the verdict follows the hang reports: rank 1 stopped first (rank 0's death came after)
+    line = stderr.strip().splitlines()[-1]
+    assert "rank 1 (stage 1)" in line and "stopped making progress" in line, line
+    assert not _alive(rank_pid_or_none(1, str(out)))  # the hung rank is not left behind
+
+
+def rank_pid_or_none(rank: int, run_dir: str) -> int:
+    try:
+        return rank_pid(rank, run_dir, timeout_s=1)
+    except TimeoutError:
+        return 2**22 + 1  # above pid_max: a pid that cannot be alive
+
+
 def test_ctrl_c_checkpoints_then_stops_in_one_line_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     p = start_submit(*LONG, "--checkpoint-every", "100000", "--out", out, cwd=tmp_path)
