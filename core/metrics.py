@@ -89,8 +89,13 @@ def format_summary(result: dict, folder: str) -> str:
         verdict = "PASSED" if c["passed"] else "FAILED"
         lines.append(
             f"   check {verdict}: max |loss diff| {c['max_loss_abs_diff']:.3g}, max grad rel diff "
-            f"{c['max_grad_rel_diff']:.3g} (tolerance {c['tolerance']:.0e})"
+            f"{c['max_grad_rel_diff']:.3g} (tolerance {c['tolerance']:.0e}), max update rel diff "
+            f"{c['max_param_rel_diff']:.3g} (tolerance {c['param_tolerance']:.0e})"
         )
+        pairs = (("gradient", "worst_param"), ("update", "worst_param_after_step"))
+        worst = [f"{what} {c[key]}" for what, key in pairs if c.get(key)]
+        if not c["passed"] and worst:  # where to look first
+            lines.append("   worst parameters: " + ", ".join(worst))
     if result.get("attempts", 1) > 1:
         lines.append(f"   attempts: {result['attempts']} (requeued after a preemption or a failure)")
     lines.append(f"   results in {folder}")
