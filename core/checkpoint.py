@@ -63,6 +63,8 @@ def _options():
 def _state_dicts(holder: nn.Module, opt: torch.optim.Optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    if next(holder.parameters(), None) is None:  # a stage without parameters (mnist-cnn's pool alone):
+        return {"model": {}, "optim": {}}  # torch refuses an empty model state dict; nothing to keep
     return {
         "model": get_model_state_dict(holder, options=_options()),
         "optim": get_optimizer_state_dict(holder, opt, options=_options()),
@@ -185,8 +187,9 @@ class Checkpointer:
         # the saved param groups carry the saving run's kernel choice (fused on plain CUDA tensors);
         # this layout's optimizer keeps its own (fused refuses TP's mix of DTensors and tensors)
         kernels = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in opt.param_groups]
-        set_model_state_dict(holder, state["model"], options=_options())
-        set_optimizer_state_dict(holder, opt, state["optim"], options=_options())
+        if state["model"]:
+            set_model_state_dict(holder, state["model"], options=_options())
+            set_optimizer_state_dict(holder, opt, state["optim"], options=_options())
         for group, flags in zip(opt.param_groups, kernels):
             group.update(flags)
 

@@ -52,7 +52,9 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], model: nn.Module 
     kwargs = dict(kwargs)
     if kwargs.pop("fused", False):
         kwargs["fused"] = fused or None
-    return cls(params, lr=cfg.resolved_lr, foreach=foreach, **kwargs)
+    # a stage may hold no parameters (mnist-cnn's pool block alone, a split --balance time can
+    # choose): torch refuses an empty list but not an empty group, which steps as a no-op
+    return cls(params or [{"params": []}], lr=cfg.resolved_lr, foreach=foreach, **kwargs)
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:

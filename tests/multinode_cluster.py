@@ -32,15 +32,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jobs.executor import free_port  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # also run as ``python -m tests.multinode_cluster``
+    sys.path.insert(0, HERE)
+
+from slurm_cluster import _exe, common_slurm_conf  # noqa: E402
 
 REGISTRY = "/run/mps-multinode"
 """One JSON file per live cluster: what to remove if its owner died (a crashed test run)."""
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
-
-
-def _exe(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -205,26 +205,9 @@ class MultiNodeCluster:
             f"Gres=gpu:{self.gpus} State=UNKNOWN\n"
             for n in self.names
         )
-        conf = f"""ClusterName=mpsmn
-SlurmctldHost=ctl({self.addr["ctl"]})
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={sock},cred_expire=30
-CredType=cred/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-EnforcePartLimits=ALL
-ReturnToService=2
+        conf = (
+            common_slurm_conf("mpsmn", f"ctl({self.addr['ctl']})", sock)
+            + f"""SchedulerType=sched/backfill
 StateSaveLocation={f}/state
 SlurmctldPidFile={f}/slurmctld.pid
 SlurmctldLogFile={f}/log/slurmctld.log
@@ -237,11 +220,10 @@ TCPTimeout=2
 KillWait=5
 InactiveLimit=0
 MailProg=/bin/true
-MinJobAge=600
 JobRequeue=1
-GresTypes=gpu
 {nodes}PartitionName=mn Nodes={",".join(self.names)} Default=YES MaxTime=120 State=UP OverSubscribe=FORCE:4
 """
+        )
         with open(self.conf, "w") as fh:
             fh.write(conf)
         with open(os.path.join(f, "etc", "gres.conf"), "w") as fh:

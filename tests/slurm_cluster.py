@@ -30,6 +30,34 @@ def _exe(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
+def common_slurm_conf(cluster: str, controller: str, munge_socket: str) -> str:
+    """The slurm.conf keys both throwaway clusters share (this one and tests/multinode_cluster.py):
+    root daemons on free ports, munge on a private socket, no accounting, cores as the consumable,
+    fake GPUs as GRES, a node that comes back returns to service by itself."""
+    return f"""ClusterName={cluster}
+SlurmctldHost={controller}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={munge_socket},cred_expire=30
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+EnforcePartLimits=ALL
+MinJobAge=600
+ReturnToService=2
+GresTypes=gpu
+"""
+
+
 class SlurmCluster:
     def __init__(self, folder: str, gpus: int = 4, cpus: int = 8) -> None:
         self.folder = folder
@@ -52,38 +80,19 @@ class SlurmCluster:
             if not os.path.lexists(link):
                 os.symlink("/dev/null", link)
         sock = os.path.join(f, "munge.sock")
-        conf = f"""
-ClusterName=mpstest
-SlurmctldHost={self.host}
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={sock},cred_expire=30
-CredType=cred/munge
-StateSaveLocation={f}/state
+        conf = (
+            common_slurm_conf("mpstest", self.host, sock)
+            + f"""StateSaveLocation={f}/state
 SlurmdSpoolDir={f}/spool
 SlurmctldPidFile={f}/slurmctld.pid
 SlurmdPidFile={f}/slurmd.pid
 SlurmctldLogFile={f}/log/slurmctld.log
 SlurmdLogFile={f}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-EnforcePartLimits=ALL
-MinJobAge=600
 KillWait=10
-ReturnToService=2
-GresTypes=gpu
 NodeName={self.host} CPUs={self.cpus} RealMemory=20000 Gres=gpu:{self.gpus} State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=120 State=UP OverSubscribe=FORCE:4
 """
+        )
         with open(self.conf, "w") as fh:
             fh.write(conf.lstrip())
         with open(os.path.join(f, "gres.conf"), "w") as fh:
