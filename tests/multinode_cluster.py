@@ -206,7 +206,7 @@ class MultiNodeCluster:
             for n in self.names
         )
         conf = (
-            common_slurm_conf("mpsmn", f"ctl({self.addr['ctl']})", sock)
+            common_slurm_conf("mpsmn", f"ctl({self.addr['ctl']})", sock, first_job_id=500_000)
             + f"""SchedulerType=sched/backfill
 StateSaveLocation={f}/state
 SlurmctldPidFile={f}/slurmctld.pid

@@ -30,11 +30,17 @@ def _exe(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-def common_slurm_conf(cluster: str, controller: str, munge_socket: str) -> str:
+def common_slurm_conf(cluster: str, controller: str, munge_socket: str, first_job_id: int) -> str:
     """The slurm.conf keys both throwaway clusters share (this one and tests/multinode_cluster.py):
     root daemons on free ports, munge on a private socket, no accounting, cores as the consumable,
-    fake GPUs as GRES, a node that comes back returns to service by itself."""
+    fake GPUs as GRES, a node that comes back returns to service by itself.
+
+    ``first_job_id`` keeps the two kinds' job ids apart: submitit derives a job's rendezvous port
+    from its id (random.Random(job_id)), so job 1 of this cluster and job 1 of a multi-node
+    cluster running at the same time on one machine both listened on port 51342 (EADDRINUSE,
+    seen when test_slurm_watch and test_multinode ran side by side)."""
     return f"""ClusterName={cluster}
+FirstJobId={first_job_id}
 SlurmctldHost={controller}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
@@ -81,7 +87,7 @@ class SlurmCluster:
                 os.symlink("/dev/null", link)
         sock = os.path.join(f, "munge.sock")
         conf = (
-            common_slurm_conf("mpstest", self.host, sock)
+            common_slurm_conf("mpstest", self.host, sock, first_job_id=1)
             + f"""StateSaveLocation={f}/state
 SlurmdSpoolDir={f}/spool
 SlurmctldPidFile={f}/slurmctld.pid
