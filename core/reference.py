@@ -164,7 +164,7 @@ class ParityChecker:
     @torch.no_grad()
     def sync_weights(self, built: Built) -> None:
         """After both optimizer steps: compare the updated parameters this rank holds, then take
-        the style's weights for them."""
+        all of the style's new weights, every rank's (a collective: every rank calls it)."""
         ref_params = dict(self.ref.params)
         worst, worst_name = 0.0, ""
         held = {name: full_tensor(p).detach().cpu() for name, p in built.params}
