@@ -221,28 +221,30 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gather_named(tensors: dict[str, torch.Tensor], state: DistState) -> dict[str, torch.Tensor]:
+def all_objects(obj) -> list:
+    """``obj`` from every rank, in rank order, on every rank (all_gather_object: gloo and NCCL);
+    ``[obj]`` without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_named(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every rank's named CPU tensors, merged on every rank (a name held by several ranks, as in
     data parallel, keeps one copy). For --check, which is a debugging mode: it moves the whole model."""
-    if state.world_size == 1:
-        return dict(tensors)
-    parts: list[dict | None] = [None] * state.world_size
-    dist.all_gather_object(parts, tensors)
     merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        for name, t in (part or {}).items():
+    for part in all_objects(tensors):
+        for name, t in part.items():
             merged.setdefault(name, t)
     return merged
 
 
-def worst_across(value: float, name: str, state: DistState) -> tuple[float, str]:
+def worst_across(value: float, name: str) -> tuple[float, str]:
     """The largest (value, name) pair across ranks: a worst difference and what it was measured on,
     so the name reported is the one that rank actually saw, not the caller's own."""
-    if state.world_size == 1:
-        return value, name
-    pairs: list[tuple[float, str] | None] = [None] * state.world_size
-    dist.all_gather_object(pairs, (value, name))
-    return max(p for p in pairs if p is not None)
+    return max(all_objects((value, name)))
 
 
 def all_max(value: float, state: DistState) -> float:

@@ -148,7 +148,7 @@ class ParityChecker:
                 worst, worst_name = d, name
         loss_diff = abs(loss - ref_loss)
         # the worst over all ranks: each rank compares the parameters it holds
-        worst, worst_name = worst_across(worst, worst_name, self.state)
+        worst, worst_name = worst_across(worst, worst_name)
         loss_diff = all_max(loss_diff, self.state)
         s = self.summary
         if worst > s.max_grad_rel_diff:
@@ -175,8 +175,8 @@ class ParityChecker:
         # every parameter, also those other ranks hold: left to the copy's own updates they drift
         # from the style's by rounding, and after 30 steps that drift alone moved mnist-cnn's conv1
         # gradient on rank 0 by 1.4e-4 (pp 3, split 1,1,4, step 31 of the quick start)
-        for name, new in gather_named(held, self.state).items():
+        for name, new in gather_named(held).items():
             ref_params[name].copy_(new.to(ref_params[name].device))
-        worst, worst_name = worst_across(worst, worst_name, self.state)
+        worst, worst_name = worst_across(worst, worst_name)
         if worst > self.summary.max_param_rel_diff:
             self.summary.max_param_rel_diff, self.summary.worst_param_after_step = worst, worst_name

@@ -93,14 +93,10 @@ class TimelineRecorder:
 
 
 def gather_actions(actions: list[Action]) -> list[Action]:
-    """Every rank's actions, on every rank (all_gather_object works on gloo and NCCL)."""
-    import torch.distributed as dist
+    """Every rank's actions, on every rank."""
+    from core.distributed import all_objects
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(actions)
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, [asdict(a) for a in actions])
-    return [Action(**a) for rank_actions in out for a in rank_actions]
+    return [Action(**a) for rank_actions in all_objects([asdict(a) for a in actions]) for a in rank_actions]
 
 
 def measured_bubble(actions: list[Action]) -> tuple[float | None, float | None]:

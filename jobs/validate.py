@@ -106,6 +106,8 @@ class ValidateTask:
             distributed.shutdown()
 
     def _measure(self, state, dev, node, dist, torch) -> dict | None:
+        from core.distributed import all_objects
+
         cuda = dev.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         name = torch.cuda.get_device_name(dev) if cuda else "CPU"
@@ -123,21 +125,12 @@ class ValidateTask:
             "usable": usable,
             "matmul_gflops": 2 * n**3 * its / dt / 1e9,
         }
-        world = state.world_size
-        everyone: list = [None] * world
-        if world > 1:
-            dist.all_gather_object(everyone, me)
-        else:
-            everyone = [me]
+        everyone = all_objects(me)
         nodes = list(dict.fromkeys(e["node"] for e in everyone))
         ranks_of = {nd: [e["rank"] for e in everyone if e["node"] == nd] for nd in nodes}
         allreduce = self._allreduce(state, dist, torch, dev, sync, nodes, ranks_of)
         links = self._p2p(state, dist, torch, dev, sync, nodes, ranks_of)
-        if world > 1:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (allreduce, links))
-        else:
-            gathered = [(allreduce, links)]
+        gathered = all_objects((allreduce, links))
         if not state.is_main:
             return None
         report = {"nodes": {}, "links": {}, "device_kind": device_kind(everyone[0]["device"])}
