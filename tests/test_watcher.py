@@ -59,6 +59,7 @@ def test_a_rank_dead_without_a_word_ends_the_job_even_when_its_peer_cannot_notic
     p = start_submit(*LONG, "--hang-timeout", "4", "--max-retries", "0", "--out", out, cwd=tmp_path, env=env)
     try:
         wait_for_text(str(out / "hang" / "rank-1.json"), "not responding")  # rank 1 is in the hang
+        wait_for_text(str(out / "hang" / "rank-0.json"), "no progress")  # and rank 0 has said so (as on NCCL)
         victim = rank_pid(0, str(out))
         os.kill(victim, signal.SIGKILL)
         killed = time.time()
