@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from core.models.base import BlockModel
 from core.strategy import autocast
@@ -78,8 +79,8 @@ def _time_block(block: nn.Module, x: torch.Tensor, device: torch.device, loss_of
         t1 = _sync(device)
         if loss_of and head.requires_grad:
             head.backward()
-        elif not loss_of:  # a seam may carry a tuple of tensors (README "Your own model")
-            outs = [t for t in (head if isinstance(head, tuple) else (head,)) if t.requires_grad]
+        elif not loss_of:  # a seam may carry (nested) tuples of tensors (README "Your own model")
+            outs = [t for t in tree_leaves(head) if isinstance(t, torch.Tensor) and t.requires_grad]
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
         t2 = _sync(device)
@@ -93,13 +94,11 @@ def _time_block(block: nn.Module, x: torch.Tensor, device: torch.device, loss_of
 
 def _fresh(x):
     """A block's input as a pipeline stage receives it: detached leaves that require grad."""
-    if isinstance(x, tuple):
-        return tuple(_fresh(t) for t in x)
-    return x.detach().requires_grad_(x.is_floating_point())
+    return tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.is_floating_point()), x)
 
 
 def _detached(x):
-    return tuple(_detached(t) for t in x) if isinstance(x, tuple) else x.detach()
+    return tree_map_only(torch.Tensor, torch.Tensor.detach, x)
 
 
 def profile_blocks(model: BlockModel, x: torch.Tensor, y: torch.Tensor, device: torch.device, cfg) -> list[BlockCost]:

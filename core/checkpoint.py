@@ -33,19 +33,28 @@ from torch import nn
 from core.distributed import DistState
 
 
-def param_holder(params: list[tuple[str, nn.Parameter]]) -> nn.Module:
-    """A module that holds exactly this rank's parameters under their full-model names (the same
-    Parameter objects): what DCP's state-dict helpers take, whatever wraps the real modules (a DDP
-    wrapper, several pipeline stages on one rank)."""
+def param_holder(params: list[tuple[str, nn.Parameter]], buffers: list[tuple[str, torch.Tensor]] = ()) -> nn.Module:
+    """A module that holds exactly this rank's parameters and persistent buffers under their
+    full-model names (the same tensor objects, so loading into it loads into the model): what DCP's
+    state-dict helpers take, whatever wraps the real modules (a DDP wrapper, several pipeline
+    stages on one rank)."""
     root = nn.Module()
-    for name, p in params:
+
+    def parent(name: str) -> tuple[nn.Module, str]:
         *path, leaf = name.split(".")
         m = root
         for part in path:
             if part not in m._modules:
                 m.add_module(part, nn.Module())
             m = m._modules[part]
+        return m, leaf
+
+    for name, p in params:
+        m, leaf = parent(name)
         m.register_parameter(leaf, p)
+    for name, b in buffers:
+        m, leaf = parent(name)
+        m.register_buffer(leaf, b)
     return root
 
 
@@ -63,11 +72,13 @@ def _options():
 def _state_dicts(holder: nn.Module, opt: torch.optim.Optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    if next(holder.parameters(), None) is None:  # a stage without parameters (mnist-cnn's pool alone):
-        return {"model": {}, "optim": {}}  # torch refuses an empty model state dict; nothing to keep
+    # a stage without parameters (mnist-cnn's pool alone) has nothing to keep: torch refuses an empty
+    # model or optimizer state dict; one with buffers but no parameters keeps just those
+    has_params = next(holder.parameters(), None) is not None
+    has_state = has_params or next(holder.buffers(), None) is not None
     return {
-        "model": get_model_state_dict(holder, options=_options()),
-        "optim": get_optimizer_state_dict(holder, opt, options=_options()),
+        "model": get_model_state_dict(holder, options=_options()) if has_state else {},
+        "optim": get_optimizer_state_dict(holder, opt, options=_options()) if has_params else {},
     }
 
 
@@ -108,6 +119,7 @@ class Checkpointer:
         losses: list[float],
         config: dict,
         background: bool = False,
+        buffers: list = (),
     ) -> str:
         """Write a checkpoint of this step from every rank (a collective); returns its folder.
 
@@ -128,8 +140,14 @@ class Checkpointer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, os.path.join(partial, f"rng-rank{self.state.rank}.pt"))
-        meta = {"position": position, "losses": losses, "layout": self.state.layout.to_dict(), "config": config}
-        state = _state_dicts(param_holder(params), opt)
+        meta = {
+            "position": position,
+            "losses": losses,
+            "layout": self.state.layout.to_dict(),
+            "config": config,
+            "buffers": True,  # persistent buffers are saved (checkpoints written before that hold none)
+        }
+        state = _state_dicts(param_holder(params, buffers), opt)
         if background:
             self._pending = (dcp.async_save(state, checkpoint_id=partial), name, meta)
             return os.path.join(self.dir, name)
@@ -174,14 +192,23 @@ class Checkpointer:
                     shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
 
     @torch.no_grad()
-    def load_state(self, params: list, opt: torch.optim.Optimizer, folder: str | None = None) -> None:
-        """Weights and optimizer state of ``params`` (any subset of the model, sharded or whole,
-        e.g. the parity check's single-device copy) from ``folder`` (default: the latest checkpoint)."""
+    def load_state(
+        self, params: list, opt: torch.optim.Optimizer, folder: str | None = None, buffers: list = ()
+    ) -> None:
+        """Weights, buffers and optimizer state of ``params`` and ``buffers`` (any subset of the
+        model, sharded or whole, e.g. the parity check's single-device copy) from ``folder``
+        (default: the latest checkpoint)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         folder = folder or self.latest_folder()
-        holder = param_holder(params)
+        with open(os.path.join(folder, "meta.json")) as f:
+            has_buffers = json.load(f).get("buffers", False)
+        if buffers and not has_buffers:
+            if self.state.is_main:
+                print(f"note: {folder} was saved without buffers (an older version): they keep their initial values")
+            buffers = ()
+        holder = param_holder(params, buffers)
         state = _state_dicts(holder, opt)
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
         # the saved param groups carry the saving run's kernel choice (fused on plain CUDA tensors);
@@ -194,13 +221,14 @@ class Checkpointer:
             group.update(flags)
 
     @torch.no_grad()
-    def load(self, params: list, opt: torch.optim.Optimizer) -> tuple[dict, list[float], dict]:
-        """Restore this rank's parameters and optimizer state from the latest checkpoint, whatever
-        layout wrote it, and its random state. Returns (data position, losses so far, the saved meta)."""
+    def load(self, params: list, opt: torch.optim.Optimizer, buffers: list = ()) -> tuple[dict, list[float], dict]:
+        """Restore this rank's parameters, buffers and optimizer state from the latest checkpoint,
+        whatever layout wrote it, and its random state. Returns (data position, losses so far, the
+        saved meta)."""
         folder = self.latest_folder()
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
-        self.load_state(params, opt, folder)
+        self.load_state(params, opt, folder, buffers)
         # same layout: each rank its own random state (bit-for-bit resume); another layout: rank 0's
         same = meta["layout"] == self.state.layout.to_dict()
         path = os.path.join(folder, f"rng-rank{self.state.rank if same else 0}.pt")
@@ -212,9 +240,11 @@ class Checkpointer:
         return meta["position"], meta["losses"], meta
 
 
-def export_weights(run_dir: str, target: str) -> int:
-    """The latest checkpoint's model as ONE plain state dict (torch.save), loadable with
-    ``model.load_state_dict(torch.load(target))`` into the uncut model. Returns the tensor count."""
+def export_weights(run_dir: str, target: str, names: dict[str, str] | None = None) -> int:
+    """The latest checkpoint's model (parameters and persistent buffers) as ONE plain state dict
+    (torch.save), loadable with ``model.load_state_dict(torch.load(target), strict=True)`` into the
+    uncut model; ``names`` renames keys to that model's (BlockModel.uncut_names). Returns the
+    tensor count."""
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -225,7 +255,8 @@ def export_weights(run_dir: str, target: str) -> int:
         dcp_to_torch_save(folder, whole)
         sd = torch.load(whole, weights_only=False)
     model = sd["model"] if "model" in sd else {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
-    model = {k: v.detach().cpu().contiguous() for k, v in model.items()}
+    names = names or {}
+    model = {names.get(k, k): v.detach().cpu().contiguous() for k, v in model.items()}
     partial = target + ".partial"
     torch.save(model, partial)
     os.replace(partial, target)

@@ -48,10 +48,13 @@ def replicate_over_dp(module: nn.Module, state: DistState) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         kw = {"mesh": state.submesh("dp"), "reshard_after_forward": layout.pp == 1}
+        replicated, tied = fsdp_exceptions(module)
         for block in getattr(module, "blocks", {}).values():
-            if any(True for _ in block.parameters()):
-                fully_shard(block, **kw)
-        fully_shard(module, **kw)
+            if any(p not in replicated and p not in tied for p in block.parameters()):
+                fully_shard(block, ignored_params=replicated | tied, **kw)
+        if any(p not in replicated for p in module.parameters()):
+            fully_shard(module, ignored_params=replicated, **kw)  # the rest, ties across blocks included
+        average_grads_over_dp(replicated, state)
         return module
     devices = {p.device for p in module.parameters()}
     single_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
@@ -61,6 +64,53 @@ def replicate_over_dp(module: nn.Module, state: DistState) -> nn.Module:
         process_group=state.group("dp"),
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy in or out
     )
+
+
+def fsdp_exceptions(module: nn.Module) -> tuple[set[nn.Parameter], set[nn.Parameter]]:
+    """What FSDP2 cannot shard block by block: (parameters it cannot shard at all, kept replicated:
+    scalars; parameters shared by several blocks, which go to the root's group: a parameter may
+    belong to one FSDP group only). torchtitan's recipe: shard per block, the rest with the root."""
+    replicated = {p for p in module.parameters() if p.ndim == 0}
+    owner: dict[nn.Parameter, str] = {}
+    tied: set[nn.Parameter] = set()
+    for name, block in getattr(module, "blocks", {}).items():
+        for p in block.parameters():
+            if owner.setdefault(p, name) != name:
+                tied.add(p)
+    return replicated, tied - replicated
+
+
+def average_grads_over_dp(params: set[nn.Parameter], state: DistState) -> None:
+    """Replicated parameters beside FSDP2's shards: each gradient averaged over the replicas as it
+    is accumulated. Averaging again after a later micro-batch adds only that micro-batch's average
+    (the part averaged before is equal on every replica), so the result is the global batch's."""
+    import torch.distributed as dist
+
+    group = state.group("dp")
+    for p in params:
+
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            dist.all_reduce(grad, group=group)
+            grad.div_(state.layout.dp)
+
+        p.register_post_accumulate_grad_hook(hook)
+
+
+@torch.no_grad()
+def sync_buffers(buffers: list[tuple[str, torch.Tensor]], state: DistState) -> None:
+    """Every replica takes dp rank 0's buffers (batch-norm statistics, a user's counters), as DDP
+    does before each forward; FSDP2 leaves each replica its own. After each optimizer step, so
+    checkpoints, exports and --check see one value (replicas each saw their own shard)."""
+    group = state.group("dp")
+    if group is None or not buffers:
+        return
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0)
+    for _, b in buffers:
+        local = b.to_local() if hasattr(b, "to_local") else b
+        dist.broadcast(local, src=src, group=group)
 
 
 def mean_over_dp(loss: torch.Tensor, state: DistState) -> torch.Tensor:

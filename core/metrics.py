@@ -91,8 +91,9 @@ def format_summary(result: dict, folder: str) -> str:
             f"   check {verdict}: max |loss diff| {c['max_loss_abs_diff']:.3g}, max grad rel diff "
             f"{c['max_grad_rel_diff']:.3g} (tolerance {c['tolerance']:.0e}), max update rel diff "
             f"{c['max_param_rel_diff']:.3g} (tolerance {c['param_tolerance']:.0e})"
+            + (f", max buffer rel diff {c['max_buffer_rel_diff']:.3g}" if c.get("buffers_compared") else "")
         )
-        pairs = (("gradient", "worst_param"), ("update", "worst_param_after_step"))
+        pairs = (("gradient", "worst_param"), ("update", "worst_param_after_step"), ("buffer", "worst_buffer"))
         worst = [f"{what} {c[key]}" for what, key in pairs if c.get(key)]
         if not c["passed"] and worst:  # where to look first
             lines.append("   worst parameters: " + ", ".join(worst))

@@ -8,9 +8,13 @@ compared too (the style's new weights against the copy's), so a wrong optimizer 
 style (a wrong learning rate, a missed parameter) fails the check. Only then does the copy take
 the style's new weights, all of them (each rank's gathered to every rank), so every step is
 compared from identical weights and rounding differences do not compound over a long run.
-Dropout is disabled in checked runs: its masks depend on how a batch is cut. A model with batch
-norm sees per-micro-batch statistics in a pipeline: the copy then runs the same
-pieces of the batch one after another (core.models.base.batch_coupled).
+Buffers (batch-norm running statistics, a user's running averages) are state like the weights:
+after each step the style's are compared with the copy's and then taken by it. Every random
+layer is switched off in checked runs (core.models.randomness): its draws depend on how a batch
+is cut. A model with batch norm sees per-micro-batch statistics in a pipeline, and a model with
+buffers updates them once per piece: the copy then runs the same pieces of the batch one after
+another, and keeps the buffers replica 0 ended with, as data-parallel replicas do
+(core.data_parallel.sync_buffers).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 
 from core.config import RunConfig
 from core.distributed import DistState, all_max, full_tensor, gather_named, worst_across
-from core.models.base import batch_coupled
+from core.models.base import batch_coupled, held_buffers
 from core.strategy import Built, single_device_build
 
 
@@ -66,16 +70,29 @@ def update_rel_diff(new: torch.Tensor, ref_new: torch.Tensor, ref_old: torch.Ten
     return float((excess / step).item())
 
 
+def buffer_rel_diff(buf: torch.Tensor, ref: torch.Tensor) -> float:
+    """||buf - ref|| / ||ref|| for a floating buffer; 0 or inf for an integer one (a counter is
+    right or wrong)."""
+    if not buf.is_floating_point():
+        return 0.0 if torch.equal(buf, ref) else float("inf")
+    return grad_rel_diff(buf.double(), ref.double())
+
+
 @dataclass
 class CheckSummary:
     max_loss_abs_diff: float = 0.0
     max_grad_rel_diff: float = 0.0
     max_param_rel_diff: float = 0.0
     """Worst parameter after the optimizer step, relative to the reference's update (update_rel_diff)."""
+    max_buffer_rel_diff: float = 0.0
+    """Worst persistent buffer after the step (batch-norm statistics, ...), ||style - ref|| / ||ref||."""
     tolerance: float = 0.0
     steps: int = 0
     worst_param: str = ""
     worst_param_after_step: str = ""
+    worst_buffer: str = ""
+    buffers: int = 0
+    """Persistent buffers of the model, compared after every step."""
 
     @property
     def passed(self) -> bool:
@@ -84,6 +101,7 @@ class CheckSummary:
             and self.max_loss_abs_diff <= self.tolerance
             and self.max_grad_rel_diff <= self.tolerance
             and self.max_param_rel_diff <= self.param_tolerance
+            and self.max_buffer_rel_diff <= self.tolerance
         )
 
     @property
@@ -104,11 +122,14 @@ class CheckSummary:
             "max_loss_abs_diff": self.max_loss_abs_diff,
             "max_grad_rel_diff": self.max_grad_rel_diff,
             "max_param_rel_diff": self.max_param_rel_diff,
+            "max_buffer_rel_diff": self.max_buffer_rel_diff,
             "tolerance": self.tolerance,
             "param_tolerance": self.param_tolerance,
             "steps_compared": self.steps,
             "worst_param": self.worst_param,
             "worst_param_after_step": self.worst_param_after_step,
+            "worst_buffer": self.worst_buffer,
+            "buffers_compared": self.buffers,
         }
 
 
@@ -120,15 +141,31 @@ class ParityChecker:
         self.summary = CheckSummary(tolerance=cfg.resolved_tol)
         self._losses: list[torch.Tensor] = []
         self._before: dict[str, torch.Tensor] = {}
-        self.coupled = batch_coupled(model)
+        # buffers updated per forward (a running average, a counter) see one update per piece too
+        self.coupled = batch_coupled(model) or bool(held_buffers(model))
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, microbatches: int = 1) -> None:
-        """One batch through the copy: whole, or, for a batch-norm model, in the pieces the style
-        computes separately (each replica's shard, cut into its micro-batches)."""
+        """One batch through the copy: whole, or, for a model with batch norm or buffers, in the
+        pieces the style computes separately (each replica's shard, cut into its micro-batches),
+        keeping the buffers replica 0's pieces left (replicas then take dp rank 0's)."""
         dev = self.state.device
-        pieces = self.state.layout.dp * microbatches if self.coupled else 1
-        for xc, yc in zip(x.to(dev).chunk(pieces), y.to(dev).chunk(pieces)):
+        dp = self.state.layout.dp
+        pieces = dp * microbatches if self.coupled else 1
+        start = {n: b.detach().clone() for n, b in self.ref.buffers}
+        replica0: dict[str, torch.Tensor] = {}
+        for i, (xc, yc) in enumerate(zip(x.to(dev).chunk(pieces), y.to(dev).chunk(pieces))):
+            if dp > 1 and self.coupled and i % microbatches == 0 and i > 0:
+                self._set_buffers(start)  # every replica starts its shard from the same buffers
             self._losses.append(self.ref.step(xc, yc, 1.0 / pieces))
+            if dp > 1 and self.coupled and i == microbatches - 1:
+                replica0 = {n: b.detach().clone() for n, b in self.ref.buffers}
+        self._set_buffers(replica0)
+
+    @torch.no_grad()
+    def _set_buffers(self, values: dict[str, torch.Tensor]) -> None:
+        for n, b in self.ref.buffers:
+            if n in values:
+                b.copy_(values[n])
 
     def compare(self, loss: float, built: Built, accum: int) -> None:
         """After a full (accumulated) step: compare the loss and this rank's gradients."""
@@ -180,3 +217,23 @@ class ParityChecker:
         worst, worst_name = worst_across(worst, worst_name)
         if worst > self.summary.max_param_rel_diff:
             self.summary.max_param_rel_diff, self.summary.worst_param_after_step = worst, worst_name
+        self._sync_buffers(built)
+
+    @torch.no_grad()
+    def _sync_buffers(self, built: Built) -> None:
+        """Compare the buffers this rank holds with the copy's, then give the copy all of them."""
+        if not self.ref.buffers:  # the whole model's: the same answer on every rank
+            return
+        ref_buffers = dict(self.ref.buffers)
+        self.summary.buffers = len(ref_buffers)
+        worst, worst_name = 0.0, ""
+        held = {name: full_tensor(b).detach().cpu() for name, b in built.buffers}
+        for name, b in held.items():
+            d = buffer_rel_diff(b, ref_buffers[name].detach().cpu())
+            if d > worst:
+                worst, worst_name = d, name
+        for name, b in gather_named(held).items():
+            ref_buffers[name].copy_(b.to(ref_buffers[name].device))
+        worst, worst_name = worst_across(worst, worst_name)
+        if worst > self.summary.max_buffer_rel_diff:
+            self.summary.max_buffer_rel_diff, self.summary.worst_buffer = worst, worst_name

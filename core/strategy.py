@@ -15,6 +15,7 @@ from torch import nn
 
 from core.config import RunConfig
 from core.distributed import full_tensor
+from core.models.base import held_buffers
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Built:
     """Called after each optimizer step with its index (timeline recording, ...)."""
     save_artifacts: Callable[[str], None] = field(default=lambda folder: None)
     """Writes strategy files (timeline.json/png) into the run folder, on every rank."""
+    buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    """This rank's persistent buffers (batch-norm statistics, ...), named as in the full model: state
+    like the parameters, checkpointed, exported and compared by --check. Data-parallel replicas hold
+    equal copies (core.data_parallel.sync_buffers)."""
     microbatches: int = 1
     """Pieces each replica's batch is computed in (pp's micro-batches): --check cuts the same way
     for models whose layers couple the samples of a batch (batch norm)."""
@@ -80,4 +85,13 @@ def single_device_build(
         with autocast(cfg, device):
             return run(x)
 
-    return Built(list(model.named_parameters()), step, predict, device, device, [device], model.train)
+    return Built(
+        list(model.named_parameters()),
+        step,
+        predict,
+        device,
+        device,
+        [device],
+        model.train,
+        buffers=held_buffers(model),
+    )

@@ -20,9 +20,11 @@ from core.balance import plan_for_run
 from core.checkpoint import Checkpointer
 from core.config import RunConfig
 from core.data import Dataset, Split, batches, load_dataset, steps_per_epoch
-from core.data_parallel import dp_bytes_per_step, mean_over_dp
+from core.data_parallel import dp_bytes_per_step, mean_over_dp, sync_buffers
 from core.distributed import DistState, all_gather_floats
 from core.models import build_model, describe
+from core.models.base import BlockModel, to_block_names
+from core.models.randomness import switch_off_randomness
 from core.reference import ParityChecker
 from core.stop import StopRequest
 from core.strategy import Built
@@ -87,6 +89,16 @@ def total_steps(cfg: RunConfig, train: Split) -> int:
     return cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch
 
 
+def load_initial_weights(model: BlockModel, path: str) -> None:
+    """``--init-from``: a state dict in the block model's names or the uncut model's (an export).
+    Buffers may be missing (exports of older versions held parameters only): they keep their
+    initial values; every parameter must be there (checked on the submitting host, jobs.plan)."""
+    state = to_block_names(model, torch.load(path, map_location="cpu", weights_only=True))
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    params = {n for n, _ in model.named_parameters()}
+    assert not params & set(missing), f"--init-from {path} lacks parameters {sorted(params & set(missing))[:3]}"
+
+
 class Preempted(RuntimeError):
     """Training stopped at a step boundary on request (SIGUSR2) after saving a checkpoint."""
 
@@ -109,10 +121,11 @@ def run(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.flavor, dropout=not cfg.check)
     if cfg.init_from:  # checked against the model on the submitting host (jobs.plan)
-        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True))
+        load_initial_weights(model, cfg.init_from)
     bs = cfg.resolved_batch_size
     data = dataset or load_dataset(model, cfg.resolved_dataset, cfg.data_dir, cfg.seed, bs)
     log(state, f"data: {data.description}")
+    switched_off = switch_off_randomness(model, data.train.x[:2]) if cfg.check else []
     log(state, state.layout.describe())
     shard = state.layout.shard(state.rank, bs)  # this replica's rows of every global batch
 
@@ -132,7 +145,8 @@ def run(
     train = data.train.head(cfg.train_samples).to(built.input_device)
     n_steps = total_steps(cfg, train)
     if cfg.check:
-        log(state, "check: dropout disabled; comparing every step's loss and gradients with a single-device run")
+        off = f"switched off {', '.join(switched_off)}" if switched_off else "no random layers found"
+        log(state, f"check: {off}; comparing every step's loss, gradients, updates and buffers with one device")
 
     losses: list[torch.Tensor] = []
     prior_losses: list[float] = []
@@ -142,9 +156,9 @@ def run(
     # core.distributed starts beside NCCL); on CPU the copy would cost what the write costs
     background_saves = state.device.type == "cuda" and torch.distributed.is_initialized()
     if ckpt and ckpt.exists():
-        position, prior_losses, meta = ckpt.load(built.params, opt)
-        if checker:  # the reference continues from the restored weights and AdamW state, all of them
-            ckpt.load_state(checker.ref.params, checker.opt)
+        position, prior_losses, meta = ckpt.load(built.params, opt, built.buffers)
+        if checker:  # the reference continues from the restored weights, buffers and AdamW state, all of them
+            ckpt.load_state(checker.ref.params, checker.opt, buffers=checker.ref.buffers)
         step, epoch, skip = position["step"], position["epoch"], position["batch"]
         saved = meta["layout"]
         was = (
@@ -193,6 +207,7 @@ def run(
                 tracker.note(f"step {step + 1}: optimizer")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync_buffers(built.buffers, state)  # replicas keep equal buffers (dp rank 0's, as DDP does)
             if checker:
                 checker.sync_weights(built)
             losses.append(loss)
@@ -215,7 +230,15 @@ def run(
                 position = {"step": step, "epoch": epoch, "batch": index + 1}
                 done = prior_losses + [float(v) for v in losses]
                 # a stop must be on disk before the job ends: no background write then
-                ckpt.save(built.params, opt, position, done, cfg.to_dict(), background_saves and not stopping)
+                ckpt.save(
+                    built.params,
+                    opt,
+                    position,
+                    done,
+                    cfg.to_dict(),
+                    background_saves and not stopping,
+                    buffers=built.buffers,
+                )
                 log(state, f"checkpoint at step {step} saved in {ckpt.dir}")
             if step >= n_steps:
                 break

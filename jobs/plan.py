@@ -123,10 +123,13 @@ def note_oversubscription(plan: LaunchPlan) -> None:
 
 
 def check_init_from(cfg: RunConfig) -> None:
-    """--init-from must hold exactly the model's parameter names and shapes: name the first mismatch."""
+    """--init-from must hold exactly the model's parameter names and shapes (in the block model's
+    names or, for an export, the uncut model's): name the first mismatch. Buffers may be missing
+    (exports of older versions held parameters only): they then keep their initial values."""
     import torch
 
     from core.models import build_model
+    from core.models.base import to_block_names
 
     path = cfg.init_from
     if not os.path.isfile(path):
@@ -135,10 +138,17 @@ def check_init_from(cfg: RunConfig) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or not a plain state dict
         raise ConfigError(f"--init-from {path} is not a plain state dict ({type(e).__name__}): use --export") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--init-from {path} holds a {type(saved).__name__}, not a state dict: use --export")
     with torch.device("meta"):  # names and shapes only: no memory for the weights
-        expected = {k: tuple(v.shape) for k, v in build_model(cfg.model, cfg.flavor).state_dict().items()}
+        model = build_model(cfg.model, cfg.flavor)
+    saved = to_block_names(model, saved)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    buffers = {n for n, _ in model.named_buffers()}
     for name, shape in expected.items():
         if name not in saved:
+            if name in buffers:
+                continue
             raise ConfigError(f"--init-from {path} has no {name!r} (the {cfg.model} {cfg.flavor} model needs it)")
         if tuple(saved[name].shape) != shape:
             raise ConfigError(
@@ -147,6 +157,9 @@ def check_init_from(cfg: RunConfig) -> None:
     extra = sorted(set(saved) - set(expected))
     if extra:
         raise ConfigError(f"--init-from {path} holds {extra[0]!r}, which the {cfg.model} {cfg.flavor} model has not")
+    missing = sorted(set(expected) - set(saved))
+    if missing:
+        print(f"note: --init-from {path} has no buffers ({missing[0]}, ...): they start at their initial values")
 
 
 def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> LaunchPlan:

@@ -69,6 +69,15 @@ def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
     return resumed
 
 
+def uncut_names(run_dir: str) -> dict[str, str]:
+    """The run's model's names in the model it was cut from (torchvision's own), from config.json."""
+    from core.models import describe
+
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    return describe(saved["model"], saved.get("flavor", "tiny")).uncut_names()
+
+
 def export(run_dir: str, target: str, force: bool = False) -> int:
     """``--export RUN_DIR FILE``: the latest checkpoint's weights as one plain state dict."""
     from core.checkpoint import export_weights, latest_checkpoint
@@ -79,6 +88,6 @@ def export(run_dir: str, target: str, force: bool = False) -> int:
         raise ConfigError(f"--export: {target} exists; add --force to replace it (nothing was written)")
     if os.path.isdir(target):
         raise ConfigError(f"--export: {target} is a folder; give a file name such as weights.pt")
-    n = export_weights(run_dir, target)
+    n = export_weights(run_dir, target, uncut_names(run_dir))
     print(f"exported {n} tensors of {run_dir}'s latest checkpoint to {target} (torch.load + load_state_dict)")
     return 0

@@ -17,6 +17,7 @@ from core.config import RunConfig
 from core.data_parallel import replicate_over_dp
 from core.distributed import DistState
 from core.models import BlockModel
+from core.models.base import held_buffers
 from core.partition import stage_blocks
 from core.strategy import Built, autocast
 from core.timeline import RecordedTimeline, TimelineRecorder
@@ -130,5 +131,6 @@ def build(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
         unique,
         model.train,
         result_extras=lambda: {"stages": stages, **timeline.figures()},
+        buffers=held_buffers(model),
         save_artifacts=lambda folder: timeline.save(folder, True),
     )

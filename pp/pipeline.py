@@ -17,13 +17,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from core import progress
 from core.config import ConfigError, RunConfig
 from core.data_parallel import replicate_over_dp
 from core.distributed import DistState
 from core.layout import Layout
-from core.models import BlockModel
+from core.models import BlockModel, describe
+from core.models.base import held_buffers
 from core.partition import stage_blocks
 from core.strategy import Built, autocast
 from core.timeline import RecordedTimeline, TimelineRecorder
@@ -50,7 +52,43 @@ def _sendable(t, stage: str):
 
 
 def _sendable_output(stage: str):
-    return lambda module, args, output: _sendable(output, stage)
+    def hook(module, args, output):
+        out = _sendable(output, stage)
+        leaves, spec = tree_flatten(out)
+        # torch's stages send one tensor or a flat tuple: a nested seam goes flat, the next stage
+        # rebuilds it (_nested_input) from the structure seen on the meta device (seam_structures)
+        return tuple(leaves) if isinstance(out, tuple) and len(leaves) != len(out) else out
+
+    return hook
+
+
+def seam_structures(cfg: RunConfig, x: torch.Tensor) -> dict[str, TreeSpec]:
+    """The structure each block hands on (a tensor, a tuple, nested tuples), found by running the
+    model on the meta device (no memory, no compute) on a micro-batch shaped like ``x``: what a
+    receiving stage needs to rebuild a nested seam. Empty when the model cannot run on meta: seams
+    are then taken as sent."""
+    try:
+        model = describe(cfg.model, cfg.flavor)
+        out, specs = x.to("meta"), {}
+        with torch.no_grad():
+            for name, block in model.blocks.items():
+                out = block(out)
+                specs[name] = tree_flatten(out)[1]
+        return specs
+    except Exception:  # a model whose forward needs real values (data-dependent control flow)
+        return {}
+
+
+def _nested_input(specs: dict[str, TreeSpec], previous: str):
+    """Rebuild the nested value block ``previous`` handed on from the flat tuple that arrived."""
+
+    def hook(module, args):
+        spec = specs.get(previous)
+        if spec is None or not isinstance(args[0], tuple) or spec.num_leaves != len(args[0]):
+            return None  # a tensor, or a model that could not run on meta: as sent
+        return (tree_unflatten(list(args[0]), spec),)
+
+    return hook
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -175,6 +213,7 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
     recorder = TimelineRecorder(state.rank, device)
 
     calls = {"n": 0}
+    seams: dict[str, TreeSpec] = {}  # filled at the first step, when the input's shape is known
     modules, stages = [], []
     sent = {"forward": 0, "backward": 0}  # payload bytes this rank sends to its pipeline peers
     send_hooks: list = []
@@ -187,7 +226,9 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         sub.to(device)
         sub.blocks[names[idx][-1]].register_forward_hook(_sendable_output(names[idx][-1]))
         if idx > 0:
-            sub.blocks[names[idx][0]].register_forward_pre_hook(_contiguous_input_grads)
+            first = sub.blocks[names[idx][0]]
+            first.register_forward_pre_hook(_nested_input(seams, names[idx - 1][-1]))
+            first.register_forward_pre_hook(_contiguous_input_grads)
         send_hooks += _count_sends(sub, names[idx], idx, n_stages, sent)
         # FSDP2 shards the stage in place; a DDP wrapper is what the stage runs (torch syncs either
         # once per step, after the last micro-batch's backward)
@@ -208,6 +249,8 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
     has_first, has_last = 0 in local, n_stages - 1 in local
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if calls["n"] == 0:
+            seams.update(seam_structures(cfg, x[: max(1, len(x) // m)]))
         recorder.begin_step(calls["n"])
         losses: list[torch.Tensor] = []
         args = (x,) if has_first else ()
@@ -261,6 +304,8 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         }
 
     params = [(n, prm) for sub in modules for n, prm in sub.named_parameters()]
+    # a stage owns its blocks' buffers; what lies outside the blocks belongs to the last stage
+    buffers = [b for idx, sub in zip(local, modules) for b in held_buffers(sub, with_outside=idx == n_stages - 1)]
     return Built(
         params,
         step,
@@ -271,5 +316,6 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         train_mode,
         result_extras=result_extras,
         save_artifacts=lambda folder: timeline.save(folder, state.is_main),
+        buffers=buffers,
         microbatches=m,
     )

@@ -10,6 +10,7 @@ from core.config import RunConfig
 from core.data_parallel import replicate_over_dp
 from core.distributed import DistState, full_tensor
 from core.models import BlockModel
+from core.models.base import held_buffers
 from core.strategy import Built, autocast
 from tp.comm import CommCounter
 from tp.plan import apply_tp
@@ -65,5 +66,13 @@ def build_tp(model: BlockModel, cfg: RunConfig, state: DistState) -> Built:
         }
 
     return Built(
-        list(model.named_parameters()), step, predict, device, device, [device], model.train, result_extras=extras
+        list(model.named_parameters()),
+        step,
+        predict,
+        device,
+        device,
+        [device],
+        model.train,
+        result_extras=extras,
+        buffers=held_buffers(model),  # replicated: every tensor rank computes the same statistics
     )

@@ -88,6 +88,13 @@ class BlockModel(nn.Module):
     def block_params(self) -> list[int]:
         return [sum(p.numel() for p in b.parameters()) for b in self.blocks.values()]
 
+    def uncut_names(self) -> dict[str, str]:
+        """State-dict keys of this block model -> the keys of the model it was cut from, where they
+        differ (torchvision's ``layer1.0.conv1.weight`` for ``blocks.layer1_0.conv1.weight``):
+        ``--export`` writes the uncut model's names, so the file loads strictly into it. Empty: the
+        block model is the uncut model."""
+        return {}
+
     def outside_params(self) -> list[str]:
         """Parameters that belong to no block (used by ``loss``): they live with the last stage."""
         return [n for n, _ in self.named_parameters() if not n.startswith("blocks.")]
@@ -131,11 +138,29 @@ def tied_groups(model: BlockModel) -> list[list[tuple[str, str]]]:
     return [owners for owners in seen.values() if len(owners) > 1]
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """--check compares with dropout off: its masks depend on how the batch is cut."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
+def held_buffers(module: nn.Module, with_outside: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """The persistent buffers of ``module`` (what ``state_dict`` keeps besides parameters: batch-norm
+    running statistics, a user's running average or step counter), named as in the full model.
+    ``with_outside=False``: only the blocks' (a pipeline stage that is not the last: what lies
+    outside the blocks belongs to the last stage, like the parameters there)."""
+    out = []
+    for mname, m in module.named_modules():
+        for bname, b in m._buffers.items():
+            if b is None or bname in m._non_persistent_buffers_set:
+                continue
+            name = f"{mname}.{bname}" if mname else bname
+            if with_outside or name.startswith("blocks."):
+                out.append((name, b))
+    return out
+
+
+def to_block_names(model: BlockModel, state: dict) -> dict:
+    """A state dict in the block model's names, whether it came in those or in the uncut model's
+    (an ``--export`` of a torchvision model): what ``--init-from`` loads."""
+    back = {uncut: own for own, uncut in model.uncut_names().items()}
+    if back and not any(k in model.state_dict() for k in state):
+        return {back.get(k, k): v for k, v in state.items()}
+    return state
 
 
 def batch_coupled(model: nn.Module) -> bool:

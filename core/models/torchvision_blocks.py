@@ -8,13 +8,27 @@ joins the block before it, a parameter outside the children (ViT's class token) 
 that uses it, and values needed further on travel as a tuple (the seam contract). The cut model is
 checked when it is built: its output on one batch must equal the original's exactly.
 
-Flavors are image sizes (tiny 32x32, small 64x64, 224); 10 classes. Data: MNIST (real digits,
-resized and repeated to 3 channels) up to 64x64, torchvision's FakeData at 224.
+Flavors are image sizes (tiny 32x32, small 64x64, 224); 10 classes. A model that cannot take the
+flavor's size takes the smallest it can: a ViT's size is rounded up to a multiple of its patch
+(vit_h_14 tiny: 42), otherwise the size torchvision's own weights declare as their minimum
+(``meta["min_size"]``: alexnet 63, inception_v3 75, maxvit_t 224); the data line says the size.
+Data: MNIST (real digits, resized and repeated to 3 channels) up to 64x64, torchvision's FakeData
+above. GoogLeNet and Inception v3 are built without their auxiliary classifiers (``aux_logits=False``,
+as torchvision builds them for inference): in training mode those return a named tuple of three
+logits, which neither the loss nor the parity check takes. A model that still cannot be built, cut
+or verified is refused in one line (a ConfigError) naming the model and the reason.
+
+``TorchvisionBlocks.uncut_names()`` maps every state_dict key of the cut model to the original's
+(``blocks.layer1_0.bn1.running_mean`` -> ``layer1.0.bn1.running_mean``), found by tensor identity
+when the model is built: an export loads strictly into ``torchvision.models.get_model(NAME)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import operator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +57,32 @@ class TorchvisionBlocks(BlockModel):
         self.default_dataset = "mnist" if size <= 64 else "fakedata"
         for name, block in blocks.items():
             self.blocks[name] = block
+        self._uncut_names: dict[str, str] = {}
+
+    def uncut_names(self) -> dict[str, str]:
+        """Every state_dict key of this model (parameters and persistent buffers) -> the key of the
+        same tensor in the uncut torchvision model. A stage (``keep_only``) answers for the full
+        model: a superset of its own keys, which is what a per-key lookup needs."""
+        return dict(self._uncut_names)
+
+    def name_uncut(self, original: nn.Module) -> None:
+        """Find each key's original name by identity: the blocks hold the original's own modules and
+        tensors (a GraphModule block copies references, not data), so no name is guessed. Every key
+        of the original must be named too, or an export would not load strictly into it."""
+        theirs: dict[int, str] = {}
+        for key, t in original.state_dict(keep_vars=True).items():
+            theirs.setdefault(id(t), key)
+        ours = self.state_dict(keep_vars=True)
+        missing = [k for k, t in ours.items() if id(t) not in theirs]
+        if missing:
+            raise ConfigError(f"torchvision:{self.arch}: {missing[0]} is no tensor of the original model")
+        self._uncut_names = {k: theirs[id(t)] for k, t in ours.items()}
+        unused = sorted(set(original.state_dict()) - set(self._uncut_names.values()))
+        if unused:  # a module the forward never calls (none in torchvision 0.29's classifiers)
+            raise ConfigError(
+                f"torchvision:{self.arch}: the blocks leave out {unused[0]} (and {len(unused) - 1} more): "
+                "its forward never uses it, so an export could not load into the original"
+            )
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output, target)
@@ -76,26 +116,95 @@ def build(arch: str, flavor: str = "tiny") -> TorchvisionBlocks:
         raise ConfigError(
             f"unknown torchvision model {arch!r}: choose a classification model such as resnet18, resnet50 or vit_b_16"
         )
-    size = IMAGE_SIZES[flavor]
-    try:  # vision transformers are built for one image size
-        original = models.get_model(arch, weights=None, num_classes=NUM_CLASSES, image_size=size)
-    except TypeError:
-        original = models.get_model(arch, weights=None, num_classes=NUM_CLASSES)
-    model = TorchvisionBlocks(arch, cut(original, arch), size)
-    verify(original, model, size, arch)
-    return model
+    sizes = image_sizes(arch, IMAGE_SIZES[flavor])
+    for size in sizes:
+        try:
+            original = _original(arch, size)
+            model = TorchvisionBlocks(arch, cut(original, arch), size)
+            verify(original, model, size, arch)
+        except ConfigError:
+            raise
+        except (RuntimeError, AssertionError, ValueError, TypeError, NotImplementedError) as e:
+            # the model cannot take this size (a kernel larger than its input, a window that does not
+            # divide it) or cannot be traced: try the next size, and refuse in one line after the last
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            continue
+        model.name_uncut(original)
+        return model
+    raise ConfigError(
+        f"torchvision:{arch} cannot be built, cut and verified at {' or '.join(f'{s}x{s}' for s in sizes)} "
+        f"(--flavor {flavor}): {why}"
+    )
+
+
+# keyword arguments beyond num_classes: the auxiliary classifiers of GoogLeNet and Inception v3
+# return a named tuple of logits in training mode (neither a loss nor a parity check takes it);
+# torchvision builds both without them for inference. init_weights=True is what None means today
+# (said in a FutureWarning we answer by saying it).
+EXTRA_KWARGS: dict[str, dict] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
+def image_sizes(arch: str, size: int) -> list[int]:
+    """The sizes to try, in order: the flavor's (a ViT's rounded up to a multiple of its patch, which
+    its constructor requires), then the minimum torchvision's weights for this model declare."""
+    from torchvision import models
+
+    if arch.startswith("vit_"):  # vit_b_16, vit_h_14: the patch size ends the name
+        patch = int(arch.rsplit("_", 1)[1])
+        size = math.ceil(size / patch) * patch
+    minimum = max(w.meta.get("min_size", (1, 1))[0] for w in models.get_model_weights(arch))
+    return [size] if minimum <= size else [size, minimum]
+
+
+def _original(arch: str, size: int) -> nn.Module:
+    from torchvision import models
+
+    kwargs = dict(weights=None, num_classes=NUM_CLASSES, **EXTRA_KWARGS.get(arch, {}))
+    with _derived_on_cpu():
+        try:  # vision transformers are built for one image size
+            return models.get_model(arch, image_size=size, **kwargs)
+        except TypeError:
+            return models.get_model(arch, **kwargs)
+
+
+@contextlib.contextmanager
+def _derived_on_cpu() -> Iterator[None]:
+    """The submitting host builds every model under ``torch.device("meta")`` (shapes, no memory).
+    torchvision's RegNet builders derive their stage widths with tensor arithmetic
+    (``BlockParams.from_init_params`` ends in ``.tolist()``), which a meta tensor cannot answer:
+    "Cannot copy out of meta tensor". That arithmetic alone runs on the CPU; the weights stay meta."""
+    from torchvision.models import regnet
+
+    derive = regnet.BlockParams.__dict__["from_init_params"]  # the classmethod itself, to put back
+
+    def on_cpu(cls, *args, **kwargs):
+        with torch.device("cpu"):
+            return derive.__func__(cls, *args, **kwargs)
+
+    regnet.BlockParams.from_init_params = classmethod(on_cpu)
+    try:
+        yield
+    finally:
+        regnet.BlockParams.from_init_params = derive
 
 
 build.flavors = tuple(IMAGE_SIZES)
 
 
 def units(model: nn.Module) -> list[str]:
-    """The modules blocks are made of: the children, with Sequential children opened up."""
+    """The modules blocks are made of: the children, with Sequential children opened up, and
+    ModuleList/ModuleDict children too (never called themselves: maxvit's forward loops over
+    ``self.blocks``, and a container as a unit would let the trace inline every layer inside it)."""
     out = []
 
     def walk(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
-            if isinstance(child, nn.Sequential) and len(child) > 0:
+            # (a subclass with its own forward, densenet's _DenseBlock(nn.ModuleDict), is one unit)
+            plain_container = isinstance(child, nn.Sequential) or type(child) in (nn.ModuleList, nn.ModuleDict)
+            if plain_container and len(child) > 0:
                 walk(f"{prefix}{name}.", child)
             else:
                 out.append(f"{prefix}{name}")
@@ -110,7 +219,12 @@ class _UnitTracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        # torchvision.ops modules (StochasticDepth above all) stay calls: traced through, their
+        # ``self.training`` and drop rate would be frozen into the graph as constants, out of reach
+        # of eval() and of --check switching randomness off
+        # (a Sequential among them, Conv2dNormActivation, is opened up like any other: its layers)
+        ops = type(m).__module__.startswith("torchvision.ops") and not isinstance(m, nn.Sequential)
+        return qualname in self.leaves or ops or super().is_leaf_module(m, qualname)
 
 
 def cut(model: nn.Module, arch: str) -> dict[str, nn.Module]:
@@ -174,7 +288,13 @@ def _block(model: nn.Module, own: list[fx.Node], ins: list[fx.Node], outs: list)
         env[n] = g.node_copy(n, lambda a: env[a])
     values = [env[v] for v in outs]
     g.output(values[0] if len(values) == 1 else tuple(values))
-    return fx.GraphModule(model, g)
+    block = fx.GraphModule(model, g)
+    for name, t in list(block.named_buffers(recurse=False)):
+        if name.startswith("_tensor_constant"):
+            # a tensor the forward makes (fx keeps it as a buffer): no state of the model, so it
+            # stays out of checkpoints and exports (uncut_names has no original name for it)
+            block.register_buffer(name, t, persistent=False)
+    return block
 
 
 @torch.no_grad()
