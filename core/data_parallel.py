@@ -48,12 +48,12 @@ def replicate_over_dp(module: nn.Module, state: DistState) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         kw = {"mesh": state.submesh("dp"), "reshard_after_forward": layout.pp == 1}
-        replicated, tied = fsdp_exceptions(module)
+        replicated = fsdp_replicated(module)
         for block in getattr(module, "blocks", {}).values():
-            if any(p not in replicated and p not in tied for p in block.parameters()):
-                fully_shard(block, ignored_params=replicated | tied, **kw)
+            if any(p not in replicated for p in block.parameters()):
+                fully_shard(block, ignored_params=replicated, **kw)
         if any(p not in replicated for p in module.parameters()):
-            fully_shard(module, ignored_params=replicated, **kw)  # the rest, ties across blocks included
+            fully_shard(module, ignored_params=replicated, **kw)  # what lies outside the blocks
         average_grads_over_dp(replicated, state)
         return module
     devices = {p.device for p in module.parameters()}
@@ -66,18 +66,19 @@ def replicate_over_dp(module: nn.Module, state: DistState) -> nn.Module:
     )
 
 
-def fsdp_exceptions(module: nn.Module) -> tuple[set[nn.Parameter], set[nn.Parameter]]:
-    """What FSDP2 cannot shard block by block: (parameters it cannot shard at all, kept replicated:
-    scalars; parameters shared by several blocks, which go to the root's group: a parameter may
-    belong to one FSDP group only). torchtitan's recipe: shard per block, the rest with the root."""
+def fsdp_replicated(module: nn.Module) -> set[nn.Parameter]:
+    """Parameters FSDP2 cannot shard block by block, kept whole on every replica: scalars (it
+    refuses them) and weights shared by several blocks (a parameter belongs to one FSDP group, and
+    the root's group does not reach into blocks that have their own). torchtitan's recipe: shard
+    per block, replicate or root what does not fit; here they are replicated and their gradients
+    averaged (average_grads_over_dp)."""
     replicated = {p for p in module.parameters() if p.ndim == 0}
     owner: dict[nn.Parameter, str] = {}
-    tied: set[nn.Parameter] = set()
     for name, block in getattr(module, "blocks", {}).items():
         for p in block.parameters():
             if owner.setdefault(p, name) != name:
-                tied.add(p)
-    return replicated, tied - replicated
+                replicated.add(p)
+    return replicated
 
 
 def average_grads_over_dp(params: set[nn.Parameter], state: DistState) -> None:

@@ -70,11 +70,13 @@ def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
 
 
 def uncut_names(run_dir: str) -> dict[str, str]:
-    """The run's model's names in the model it was cut from (torchvision's own), from config.json."""
+    """The run's model's names in the model it was cut from (torchvision's own), as the latest
+    checkpoint's configuration names the model."""
+    from core.checkpoint import latest_checkpoint
     from core.models import describe
 
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
+    with open(os.path.join(run_dir, "checkpoint", latest_checkpoint(run_dir)["folder"], "meta.json")) as f:
+        saved = json.load(f)["config"]
     return describe(saved["model"], saved.get("flavor", "tiny")).uncut_names()
 
 

@@ -131,3 +131,19 @@ class Recurrent(_Digits):
 
 def recurrent(flavor: str = "tiny") -> Recurrent:
     return Recurrent()
+
+
+class Tied(_Digits):
+    """One weight used by two blocks (as a language model ties its embedding and its head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks["fc1"] = nn.Sequential(nn.Flatten(1), nn.Linear(784, 32), nn.Tanh())
+        self.blocks["mid1"] = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+        self.blocks["mid2"] = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+        self.blocks["mid2"][0].weight = self.blocks["mid1"][0].weight
+        self.blocks["head"] = nn.Linear(32, 10)
+
+
+def tied(flavor: str = "tiny") -> Tied:
+    return Tied()
