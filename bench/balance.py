@@ -23,10 +23,10 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from core.block_profile import BlockCost  # noqa: E402
+from core.check.metrics import read_result, write_json_atomic  # noqa: E402
 from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result, write_json_atomic  # noqa: E402
-from core.report import table  # noqa: E402
+from core.parallel.block_profile import BlockCost  # noqa: E402
+from core.report.render import table  # noqa: E402
 from jobs.submit import run_one  # noqa: E402
 from pp.schedules import SCHEDULES, theory_bubble  # noqa: E402
 
@@ -71,8 +71,8 @@ def step_s(result: dict) -> float:
 def cost_model_ratio(result: dict, ideal_factor: float) -> float | None:
     """Step / ideal that the delay model's declared costs predict for this run's split (exact
     waits, no overshoot, free communication): the margin balancing by time should show."""
-    from core.balance import SplitPlan
     from core.models.delay import DELAY_FLAVORS
+    from core.parallel.balance import SplitPlan
 
     if result["model"] != "delay":
         return None

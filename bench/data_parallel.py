@@ -22,8 +22,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from core.check.metrics import read_result  # noqa: E402
 from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result  # noqa: E402
 from core.models.gpt import GPT_FLAVORS  # noqa: E402
 from jobs.submit import run_one  # noqa: E402
 

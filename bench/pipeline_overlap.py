@@ -19,10 +19,10 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from core.check.metrics import read_result  # noqa: E402
 from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result  # noqa: E402
 from core.models.delay import DELAY_FLAVORS  # noqa: E402
-from core.report import table  # noqa: E402
+from core.report.render import table  # noqa: E402
 from jobs.submit import run_one  # noqa: E402
 
 

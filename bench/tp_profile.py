@@ -1,7 +1,7 @@
 """Where a tensor-parallel step's time goes: one GPU against tp 2 in one call, with a profile of each.
 
-For each gpt size: the one-device reference (core.strategy.single_device_build), then tp 2 through
-the suite's own build (tp.build_tp, core.train.make_optimizer) in each variant, steady tokens/s
+For each gpt size: the one-device reference (core.training.strategy.single_device_build), then tp 2 through
+the suite's own build (tp.build_tp, core.training.train.make_optimizer) in each variant, steady tokens/s
 over a few steps, and torch.profiler over one more step, summarised: GPU time in matmul kernels,
 attention, NCCL collectives, the optimizer's kernels, element-wise and other kernels, and the
 time the GPU sat idle (CPU gaps). Figures only, never pass/fail. Writes ``--out``.json and .txt.
@@ -165,9 +165,9 @@ def bus_bandwidth(device: torch.device, world: int) -> dict:
 
 class Runner:
     def __init__(self, a: argparse.Namespace, rank: int, world: int) -> None:
-        from core import distributed
         from core.config import RunConfig
-        from core.layout import Layout
+        from core.parallel import distributed
+        from core.parallel.layout import Layout
 
         self.a, self.rank, self.world = a, rank, world
         self.cuda = a.device == "cuda"
@@ -201,8 +201,8 @@ class Runner:
     def build(self, flavor: str, batch: int, variant: str):
         from core.models import build_model
         from core.models.tp_styles import PrepareModuleInputCast, ReplicateParallel
-        from core.strategy import single_device_build
-        from core.train import make_optimizer, set_numerics
+        from core.training.strategy import single_device_build
+        from core.training.train import make_optimizer, set_numerics
         from tp.build import build_tp
 
         tokens = set(variant.split("+"))
@@ -238,7 +238,7 @@ class Runner:
             enable_symm_mem_for_group(self.state.submesh("tp").get_group().group_name)
         if cfg.compile:
             for block in model.blocks.values():
-                block.compile()  # as core.train does: in place, before the style cuts the model
+                block.compile()  # as core.training.train does: in place, before the style cuts the model
         built = single_device_build(model, cfg, self.device) if one else build_tp(model, cfg, self.state)
         opt = make_optimizer(cfg, [p for _, p in built.params], model)
         return cfg, model, built, opt
@@ -334,7 +334,7 @@ def worker(rank: int, world: int, a: argparse.Namespace, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
-    from core import distributed
+    from core.parallel import distributed
 
     r = Runner(a, rank, world)
     rows: list[dict] = []

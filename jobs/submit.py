@@ -24,10 +24,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYT
 
 from core.config import ConfigError, RunConfig  # noqa: E402
 from core.data import DataError  # noqa: E402
-from jobs.cli import parse  # noqa: E402
-from jobs.plan import prepare  # noqa: E402
-from jobs.stopping import Interrupted, children_ignore_sigint, interruptible, stop_job  # noqa: E402
-from jobs.watch import JobFailed, wait_for  # noqa: E402
+from jobs.cli.parser import parse  # noqa: E402
+from jobs.launch.stopping import Interrupted, children_ignore_sigint, interruptible, stop_job  # noqa: E402
+from jobs.launch.watch import JobFailed, wait_for  # noqa: E402
+from jobs.plan.prepare import prepare  # noqa: E402
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -44,9 +44,9 @@ def run_one(
     except (ConfigError, DataError) as e:
         return fail(str(e)), ""
 
-    from core.metrics import write_json_atomic
-    from jobs.executor import free_port, make_executor, preview
-    from jobs.task import TrainTask
+    from core.check.metrics import write_json_atomic
+    from jobs.launch.executor import free_port, make_executor, preview
+    from jobs.launch.task import TrainTask
 
     folder, cluster, layout = plan.run_dir, plan.cluster, plan.layout
     shown = {k: v for k, v in cfg.to_dict().items() if v not in (None, False, [])}
@@ -59,7 +59,7 @@ def run_one(
         return 0, folder
     import submitit
 
-    from jobs import run_folder
+    from jobs.launch import run_folder
 
     try:
         created = run_folder.claim(folder, resuming)
@@ -89,8 +89,8 @@ def run_one(
 
 def watch_to_end(job, cluster: str, folder: str, cfg: RunConfig, echo: bool = True, quiet: bool = False) -> int:
     """Follow a submitted (or re-attached) job to its end; print its summary. The exit code."""
-    from core.metrics import format_summary, read_result
-    from jobs import hang_report
+    from core.check.metrics import format_summary, read_result
+    from jobs.launch import hang_report
 
     log_dir = os.path.join(folder, "submitit")
     say = lambda line: print(line, flush=True)  # noqa: E731
@@ -116,8 +116,8 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     --gpus GPUs, in --container if given), so a node is checked before it is trusted."""
     import dataclasses
 
-    from jobs import side_job
-    from jobs.pytest_job import PytestTask
+    from jobs.cli import side_job
+    from jobs.cli.pytest_job import PytestTask
 
     if not re.fullmatch(r"[A-Za-z_][\w ]*", marker):
         return fail(f"--pytest takes a marker expression such as gpu (got {marker!r})")
@@ -137,31 +137,31 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg, actions, given = parse(argv)
     if actions.compare:
-        from jobs.compare import compare
+        from jobs.cli.compare import compare
 
         return compare(cfg, run_one)
     if actions.pytest:
         return run_pytest_job(cfg, actions.pytest, actions.dry_run)
     if actions.validate:
-        from jobs.validate import run_validate
+        from jobs.validate.node_check import run_validate
 
         return run_validate(cfg, actions.thresholds, actions.dry_run)
     if actions.export:
-        from jobs.resume import export
+        from jobs.cli.resume import export
 
         try:
             return export(*actions.export, force=actions.force)
         except ConfigError as e:
             return fail(str(e))
     if actions.attach:
-        from jobs.attach import attach
+        from jobs.cli.attach import attach
 
         try:
             return attach(actions.attach, watch_to_end)
         except ConfigError as e:
             return fail(str(e))
     if actions.resume:
-        from jobs.resume import resume_config
+        from jobs.cli.resume import resume_config
 
         try:
             cfg = resume_config(actions.resume, cfg, given)

@@ -1,6 +1,6 @@
 """Pipeline parallelism on torch.distributed.pipelining: our stages, torch's schedules.
 
-The model's blocks are cut at the same seams as mp (core.partition.stage_blocks); each rank holds
+The model's blocks are cut at the same seams as mp (core.parallel.partition.stage_blocks); each rank holds
 one stage, or two for interleaved / looped / V-shaped schedules, wrapped in ``PipelineStage``.
 The schedule class comes from torch by name and owns forward and backward of every micro-batch.
 
@@ -18,15 +18,15 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from core import progress
 from core.config import ConfigError, RunConfig
-from core.data_parallel import replicate_over_dp
-from core.distributed import DistState
-from core.layout import Layout
 from core.models import BlockModel
-from core.partition import stage_blocks
-from core.strategy import Built, autocast
-from core.timeline import RecordedTimeline, TimelineRecorder
+from core.parallel.data_parallel import replicate_over_dp
+from core.parallel.distributed import DistState
+from core.parallel.layout import Layout
+from core.parallel.partition import stage_blocks
+from core.report.timeline import RecordedTimeline, TimelineRecorder
+from core.training import progress
+from core.training.strategy import Built, autocast
 from pp.schedules import SCHEDULES, min_microbatches, stage_indices, theory_bubble
 from pp.stage_timing import wrap_stage
 

@@ -350,7 +350,7 @@ def test_the_time_limit_signal_lead_follows_time(tmp_path, capsys):
 
 
 def test_side_jobs_preview_refuse_bad_input_and_run_through_the_one_watcher(tmp_path, capsys):
-    """--pytest and --validate share training's way in (jobs.side_job): a --dry-run preview that
+    """--pytest and --validate share training's way in (jobs.cli.side_job): a --dry-run preview that
     creates nothing, one line for bad input, and a real job waited for by the one watcher."""
     local = ["--cluster", "local", "--device", "cpu"]
     for extra in (["--pytest", "gpu"], ["--validate", "--gpus", "2"]):
