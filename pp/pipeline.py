@@ -133,7 +133,7 @@ def resolved_microbatches(cfg: RunConfig, layout: Layout) -> int:
 
 def validate(cfg: RunConfig, layout: Layout) -> None:
     """Everything the pipeline needs, checked on the submitting host (ConfigError: exit 2).
-    Stage counts against blocks and --split are checked with the layout (core.config.validate)."""
+    Stage counts against blocks and --split are checked with the layout (jobs/plan/checks.py)."""
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     p = layout.pp

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import ConfigError, validate
+from core.config import ConfigError
 from core.models import build_model
 from core.parallel.partition import balanced_split, time_split
+from jobs.plan.strategies import validate_run
 
 from harness import run_ranks
 from helpers import cfg, join
@@ -144,4 +145,4 @@ def test_plan_counts_microbatches_and_places_stages_as_the_pipeline_does(gpus, b
 )
 def test_bad_balance_is_refused_in_one_line(kw, message):
     with pytest.raises(ConfigError, match=message):
-        validate(cfg(**kw))
+        validate_run(cfg(**kw))

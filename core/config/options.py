@@ -13,16 +13,15 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from core.errors import ConfigError
+from core.models.registry import describe
+
 STRATEGIES = ("reference", "dp", "mp", "pp", "tp")
 CLUSTERS = ("auto", "slurm", "local")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("fp32", "bf16")
 DP_MODES = ("fsdp", "ddp")
 BALANCES = ("params", "time")
-
-
-class ConfigError(ValueError):
-    """A user mistake: the message is one line saying what is wrong and how to fix it."""
 
 
 def option(
@@ -157,8 +156,6 @@ class RunConfig:
     # ---- derived values -------------------------------------------------------------------
     # defaults that depend on the model are the model's own (core.models.base.BlockModel)
     def _model(self):
-        from core.models import describe
-
         return describe(self.model, self.flavor)
 
     @property
@@ -207,14 +204,11 @@ def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def validate(cfg: RunConfig):
-    """Raise ConfigError for the first user mistake found; return the run's Layout.
-
-    Host-independent: what the submitting host has (GPUs, Slurm) is checked by the launch plan.
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError for the first mistake in the options themselves (choices, numbers, shell
+    syntax, the data folder). What needs the model, the layout or the contract is checked above the
+    configuration (jobs/plan/checks.py); what the submitting host has (GPUs, Slurm) by the launch plan.
     """
-    from core.models import describe
-    from core.models.registry import dataset_factory, is_import_path
-    from core.parallel.layout import Layout
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -226,14 +220,6 @@ def validate(cfg: RunConfig):
             choices is None or value is None or value in choices,
             f"unknown {flag_of(f)} {value!r}: choose one of {', '.join(choices or ())}",
         )
-    model = describe(cfg.model, cfg.flavor)  # unknown model or flavor, a factory that fails: one line
-    n_blocks = len(model.blocks)
-    dataset_factory(cfg.resolved_dataset)  # unknown name, or an import path that does not import
-    need(
-        cfg.resolved_dataset in model.datasets or is_import_path(cfg.resolved_dataset),
-        f"--model {cfg.model} does not train on --dataset {cfg.resolved_dataset}: use "
-        f"{' or '.join(model.datasets)} (or your own, package.module:factory)",
-    )
     need(cfg.epochs is None or cfg.steps is None, "give --epochs or --steps, not both")
     for name in (
         "epochs",
@@ -277,37 +263,6 @@ def validate(cfg: RunConfig):
         f"--check-tol must be a positive number such as 1e-5 (got {cfg.check_tol})",
     )
 
-    layout = Layout.from_config(cfg)
-    layout.check_batch(cfg.resolved_batch_size)
-
-    # Stages: no more than there are blocks; an explicit split must describe every block.
-    if cfg.strategy in ("mp", "pp"):
-        need(
-            layout.stages <= n_blocks,
-            f"--gpus {cfg.gpus} gives {layout.stages} stages per replica{_per_rank(cfg, layout)}, but "
-            f"{cfg.model} has only {n_blocks} blocks: use at most {n_blocks} stages",
-        )
-    if cfg.balance is not None:
-        need(cfg.strategy in ("mp", "pp"), "--balance applies to --strategy mp or pp")
-        need(cfg.split is None, "--split and --balance both choose the cut: give one of them")
-    if cfg.split is not None:
-        need(cfg.strategy in ("mp", "pp"), "--split applies to --strategy mp or pp")
-        need(all(s >= 1 for s in cfg.split), f"--split {_fmt(cfg.split)} holds a zero: every stage needs a block")
-        need(
-            sum(cfg.split) == n_blocks,
-            f"--split {_fmt(cfg.split)} sums to {sum(cfg.split)}, but {cfg.model} has {n_blocks} blocks",
-        )
-        need(
-            len(cfg.split) == layout.stages,
-            f"--split {_fmt(cfg.split)} gives {len(cfg.split)} stages, but the layout has {layout.stages} "
-            f"per replica{_per_rank(cfg, layout)}",
-        )
-
-    if cfg.strategy in ("mp", "pp"):
-        from core.parallel.contract import check_cut
-
-        check_cut(model, cfg, layout.stages)  # the pipeline contract (core/parallel/contract.py)
-
     # The data folder must be usable before anything is queued.
     if cfg.resolved_dataset == "mnist":
         d = cfg.data_dir
@@ -317,7 +272,6 @@ def validate(cfg: RunConfig):
             os.access(probe, os.W_OK) or _has_mnist(d),
             f"--data-dir {d} is not writable: give a folder you can write to, or one that holds MNIST",
         )
-    return layout
 
 
 SHELL_META = (";", "$(", "`", "\n", "\r", "&&", "||", "|", ">", "<")
@@ -341,13 +295,3 @@ def existing_parent(path: str) -> str:
 def _has_mnist(d: str) -> bool:
     raw = os.path.join(d, "MNIST", "raw")
     return os.path.isdir(raw) and any(n.startswith("t10k-images") for n in os.listdir(raw))
-
-
-def _per_rank(cfg: RunConfig, layout) -> str:
-    if layout.stages_per_rank == 1:
-        return ""
-    return f" (--schedule {cfg.schedule} puts {layout.stages_per_rank} on each of {layout.pp} pipeline ranks)"
-
-
-def _fmt(split: list[int]) -> str:
-    return ",".join(str(s) for s in split)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from core.config import ConfigError
+from core.errors import ConfigError
 from core.models.base import BlockModel, disable_dropout
 
 MODELS: dict[str, str] = {

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.config import DP_MODES, ConfigError, RunConfig
+from core.parallel.pipeline_schedules import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,6 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Layout:
         """Derive and validate the layout; ConfigError (one line) for the first impossible request."""
-        from core.parallel.pipeline_schedules import SCHEDULES
 
         def need(ok: bool, msg: str) -> None:
             if not ok:

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from core.parallel.distributed import all_objects
+from core.report.render import save_timeline_png
+
 # backward_one_chunk(full_backward=False) is the input-gradient half of a split backward
 KIND_NAMES = {"F": "forward", "B": "backward", "I": "backward-input", "W": "backward-weight"}
 
@@ -94,8 +97,6 @@ class TimelineRecorder:
 
 def gather_actions(actions: list[Action]) -> list[Action]:
     """Every rank's actions, on every rank."""
-    from core.parallel.distributed import all_objects
-
     return [Action(**a) for rank_actions in all_objects([asdict(a) for a in actions]) for a in rank_actions]
 
 
@@ -191,8 +192,6 @@ class RecordedTimeline:
             return
         import json
         import os
-
-        from core.report.render import save_timeline_png
 
         with open(os.path.join(folder, "timeline.json"), "w") as f:
             json.dump(chrome_trace(actions, self.title), f)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from core.training import progress
+
 
 class InjectedFaultError(RuntimeError):
     """The failure MPS_FAULT asked for (tests only)."""
@@ -49,8 +51,6 @@ def maybe_hang(rank: int, step: int) -> None:
     where = spec[1]
     if int(where.get("rank", -1)) == rank and int(where.get("step", -1)) == step:
         import time
-
-        from core.training import progress
 
         p = progress.current()
         if p is not None:  # the action changes, the time of the last progress does not

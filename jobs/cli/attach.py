@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 
 from core.config import ConfigError, RunConfig
+from jobs.launch.run_folder import job_activity, read_record
 
 
 class ProcessByPid:
@@ -49,8 +50,6 @@ class ProcessByPid:
 
 
 def attach(run_dir: str, watch_to_end: Callable[..., int]) -> int:
-    from jobs.launch.run_folder import job_activity, read_record
-
     run_dir = os.path.abspath(run_dir)
     record = read_record(run_dir)
     if record is None or not os.path.exists(os.path.join(run_dir, "config.json")):

@@ -21,6 +21,7 @@ import sys
 from core.check.metrics import read_result, write_json_atomic
 from core.config import ConfigError, RunConfig
 from core.report.render import save_stacked_timelines, table
+from jobs.plan.strategies import validate_run
 from pp.schedules import SCHEDULES
 
 COLUMNS = [
@@ -98,8 +99,6 @@ def compare(base: RunConfig, run_one) -> int:
         base = dataclasses.replace(base, steps=4)  # a comparison needs a few steps, not an epoch
     variants = [("mp", dataclasses.replace(base, strategy="mp", tp=1))]
     try:  # a mistake every variant shares (--gpus 0, ...) is one line before anything runs
-        from jobs.plan.strategies import validate_run
-
         validate_run(variants[0][1])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

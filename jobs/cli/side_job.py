@@ -10,6 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from core.config import ConfigError
+from core.data import DataError
+from jobs.cli.common import fail
+from jobs.launch.executor import make_executor, preview
+from jobs.launch.stopping import Interrupted, children_ignore_sigint, interruptible, stop_job
+from jobs.launch.watch import JobFailed, wait_for
+from jobs.plan.prepare import prepare
+
 
 class Ended(Exception):
     """The side job is over before it gave a result: ``code`` is the submit command's exit code
@@ -22,13 +30,6 @@ class Ended(Exception):
 
 def submit(cfg, dry_run: bool, make_task: Callable):
     """Plan ``cfg`` and submit ``make_task(plan)``; returns (job, plan), or raises Ended."""
-    from core.config import ConfigError
-    from core.data import DataError
-    from jobs.launch.executor import make_executor, preview
-    from jobs.launch.stopping import children_ignore_sigint
-    from jobs.plan.prepare import prepare
-    from jobs.submit import fail
-
     try:
         plan = prepare(cfg, dry_run)
     except (ConfigError, DataError) as e:
@@ -46,10 +47,6 @@ def submit(cfg, dry_run: bool, make_task: Callable):
 def wait(job, plan, cfg, what: str):
     """The first task's result, or Ended: a signal stops the job (jobs.launch.stopping), a failure names
     its rank or node (jobs.launch.watch)."""
-    from jobs.launch.stopping import Interrupted, interruptible, stop_job
-    from jobs.launch.watch import JobFailed, wait_for
-    from jobs.submit import fail
-
     try:
         with interruptible():
             return wait_for(job, plan.cluster, cfg, echo=False)[0]

@@ -17,7 +17,9 @@ import os
 import socket
 import time
 
+from core.check.metrics import write_json_atomic
 from core.config import ConfigError
+from jobs.launch.watch import ACTIVE, query_job
 
 RECORD = "run.json"
 LOCK = ".claim"
@@ -34,8 +36,6 @@ def read_record(folder: str) -> dict | None:
 
 
 def write_record(folder: str, record: dict) -> None:
-    from core.check.metrics import write_json_atomic
-
     write_json_atomic(os.path.join(folder, RECORD), record)
 
 
@@ -63,8 +63,6 @@ def job_activity(record: dict) -> str | None:
         if record.get("host") != socket.gethostname():
             return None  # another host's local job: cannot be asked; the folder is not shared live
         return "RUNNING" if pid and _pid_alive(pid) else None
-    from jobs.launch.watch import ACTIVE, query_job
-
     a = query_job(str(record["job_id"]))
     if not a.answered:
         return "unknown (Slurm does not answer)"

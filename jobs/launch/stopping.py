@@ -13,10 +13,13 @@ terminal, a ``timeout``) leaves the batch job running, and ``--attach RUN_DIR`` 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import time
+
+from core.training.checkpoint import latest_checkpoint
+from jobs.launch.processes import kill_local
+from jobs.launch.watch import ACTIVE, query_job
 
 STOP_WAIT_S = 60.0
 """How long a stop may take: the next step boundary plus a checkpoint (Slurm's own KillWait,
@@ -61,45 +64,16 @@ def children_ignore_sigint():
         signal.signal(signal.SIGINT, old)
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the local controller's ranks), from /proc."""
-    out = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def kill_local(process) -> None:
-    for child in children(process.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    with contextlib.suppress(Exception):
-        process.wait(timeout=10)
-
-
 def _local_over(process) -> bool:
     return process.poll() is not None
 
 
 def _slurm_over(job_id: str) -> bool:
-    from jobs.launch.watch import ACTIVE, query_job
-
     a = query_job(job_id)
     return a.answered and a.state not in ACTIVE
 
 
 def _checkpoint_step(run_dir: str) -> int | None:
-    from core.training.checkpoint import latest_checkpoint
-
     latest = latest_checkpoint(run_dir)
     return None if latest is None else latest["position"]["step"]
 

@@ -6,7 +6,12 @@ import os
 import subprocess
 import sys
 
+from core.parallel import distributed
+from core.training import faults, progress, train
+from core.training.checkpoint import latest_checkpoint
+from core.training.stop import PREEMPT, StopRequest
 from jobs.plan.prepare import LaunchPlan
+from jobs.plan.strategies import get_build
 
 
 def restrict_visible_gpus(local_rank: int, per_task: int) -> None:
@@ -28,16 +33,10 @@ class TrainTask:
         self.master_port = master_port  # local runs: a free port picked on the host; Slurm: from the job id
 
     def __call__(self) -> dict | None:
-        from core.training.stop import PREEMPT, StopRequest
-
         # first, before torch loads: a signal that comes early is still a clean stop (core.training.stop);
         # this replaces submitit's USR2 handler: we checkpoint at a step boundary ourselves
         stop = StopRequest()
         stop.install()
-        from core.parallel import distributed
-        from core.training import progress, train
-        from jobs.plan.strategies import get_build
-
         plan, layout = self.plan, self.plan.layout
         slurm = "SLURM_JOB_ID" in os.environ
         if slurm:
@@ -84,9 +83,6 @@ def requeue_after_failure(plan: LaunchPlan, rank: int, error: Exception) -> bool
     and resumes from it. Any failing rank may ask: a peer of a dead rank fails too, and a second
     request for the same job is harmless. Returns True when the requeue was accepted."""
     import shutil
-
-    from core.training import faults
-    from core.training.checkpoint import latest_checkpoint
 
     done = faults.attempt()
     if done >= plan.cfg.max_retries:

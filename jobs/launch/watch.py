@@ -15,6 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobs.launch.blame import job_failure
+from jobs.launch.nodes import expand_nodelist, explain_failure, is_bad, node_health
+from jobs.launch.processes import children, kill_local
+
 QUERY_TIMEOUT_S = 25.0
 """One squeue/scontrol call. A controller that is down makes each call fail after ~18 s (its
 MessageTimeout and retries); a shorter limit would call a slow answer silence."""
@@ -78,8 +82,6 @@ def unavailable_nodes(reason: str | None) -> str:
     with the reason an admin gave."""
     if not reason or not re.search(r"ReqNodeNotAvail|Nodes.required|Resources|NodeDown|DRAIN", reason, re.I):
         return ""
-    from jobs.launch.nodes import expand_nodelist, is_bad, node_health
-
     named = re.search(r"UnavailableNodes:(\S+)", reason)
     health = node_health(expand_nodelist(named.group(1)) if named else [])
     words = (("DRAIN", "drained"), ("DOWN", "down"), ("FAIL", "failing"), ("NOT_RESPONDING", "not responding"))
@@ -219,8 +221,6 @@ def _a_task_died(job, seen_all: list[bool]) -> bool:
     and fail with an error of their own; on NCCL a peer stuck elsewhere never does (2 H200s: the
     hung rank outlived its aborted peer until the submit command was interrupted). Counted once
     every rank has been seen running, so a job still starting is not mistaken for a dead one."""
-    from jobs.launch.stopping import children
-
     live = len(children(job._process.pid))  # before the files: a rank writes its result, then exits
     if live >= job.num_tasks:
         seen_all[0] = True
@@ -262,9 +262,6 @@ def wait_for(
 ) -> list:
     """Follow ``job`` to its end: the tasks' return values, or JobFailed naming the rank (and the
     node, jobs.launch.nodes) that failed first."""
-    from jobs.launch.blame import job_failure
-    from jobs.launch.nodes import explain_failure
-
     slurm = cluster == "slurm"
     watch = SlurmWatch(str(job.job_id), say) if slurm else None
 
@@ -282,8 +279,6 @@ def wait_for(
         if (cfg is None or cfg.kill_on_bad_exit) and (_a_task_failed(job) or _a_task_died(job, all_seen)):
             failed_since.append(time.time())
             if time.time() - failed_since[0] > LOCAL_KILL_GRACE_S:
-                from jobs.launch.stopping import kill_local
-
                 kill_local(job._process)
                 return True
         return False

@@ -155,7 +155,7 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> La
     A dry run needs neither data nor Slurm's commands: it only renders what would be submitted."""
     import torch
 
-    from jobs.launch.executor import resolve_cluster
+    from jobs.plan.cluster import resolve_cluster
     from jobs.plan.strategies import validate_run
 
     layout = validate_run(cfg)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from core.config import validate
 from core.training.train import BuildFn
+from jobs.plan.checks import check_model_and_layout
 
 
 def get_build(strategy: str) -> BuildFn:
@@ -40,10 +42,9 @@ def get_validator(strategy: str):
 
 
 def validate_run(cfg):
-    """Every check that needs no host: the configuration, its layout, then the style's own.
+    """Every check that needs no host: the options, the model and its layout, then the style's own.
     Returns the layout (core.parallel.layout.Layout); raises core.config.ConfigError."""
-    from core.config import validate
-
-    layout = validate(cfg)
+    validate(cfg)
+    layout = check_model_and_layout(cfg)
     get_validator(cfg.strategy)(cfg, layout)
     return layout

@@ -23,6 +23,11 @@ import statistics
 import sys
 import time
 
+from core.parallel import distributed
+from core.parallel.distributed import all_objects
+from jobs.cli import side_job
+from jobs.cli.common import fail
+
 DEFAULTS: dict[str, dict[str, float]] = {
     # CPU/gloo: a floor that even a loaded, shared 2-core test host meets (matmul measured 1.5-23
     # GFLOP/s there, one thread per rank); a broken or throttled link is
@@ -91,8 +96,6 @@ class ValidateTask:
         import torch
         import torch.distributed as dist
 
-        from core.parallel import distributed
-
         if self.plan.layout.distributed:
             env = submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
             distributed.pin_network(verbose=env.rank == 0)
@@ -106,8 +109,6 @@ class ValidateTask:
             distributed.shutdown()
 
     def _measure(self, state, dev, node, dist, torch) -> dict | None:
-        from core.parallel.distributed import all_objects
-
         cuda = dev.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         name = torch.cuda.get_device_name(dev) if cuda else "CPU"
@@ -310,9 +311,6 @@ def heatmap(report: dict, path: str) -> None:
 
 def run_validate(cfg, threshold_items: list[str], dry_run: bool = False) -> int:
     """Submit the validation job, wait, judge, write validate.json and validate.png. Exit code."""
-    from jobs.cli import side_job
-    from jobs.submit import fail
-
     try:
         overrides = parse_thresholds(threshold_items)
     except ValueError as e:
