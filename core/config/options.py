@@ -1,4 +1,4 @@
-"""Typed run configuration: every option declared ONCE, validated once before anything starts.
+"""Typed run configuration: every option declared once, as data, with its plain checks.
 
 Each field carries its help (and choices, flag name, parser where the type alone does not say) in
 ``option(...)``; jobs/cli/parser.py derives the command line from these fields, the printed configuration

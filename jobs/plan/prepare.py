@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from core.config import ConfigError, RunConfig, existing_parent
 from core.parallel.layout import Layout
+from jobs.plan.cluster import resolve_cluster
+from jobs.plan.strategies import validate_run
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,6 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> La
 
     A dry run needs neither data nor Slurm's commands: it only renders what would be submitted."""
     import torch
-
-    from jobs.plan.cluster import resolve_cluster
-    from jobs.plan.strategies import validate_run
 
     layout = validate_run(cfg)
     cluster = resolve_cluster(cfg)
