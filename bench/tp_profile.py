@@ -8,11 +8,11 @@ time the GPU sat idle (CPU gaps). Figures only, never pass/fail. Writes ``--out`
 
 Variants are '+'-joined tokens: ``plain`` | ``sp`` (sequence parallel) | ``lp`` (loss parallel) |
 ``compile`` (torch.compile per block, as --compile) | ``async`` (sp + compile with inductor's
-micro-pipeline TP over symmetric memory). Undoing issue 15's changes, to measure before and after in
-one call: ``mixed`` (the plan without its ReplicateParallel entries: norms and position embedding
+micro-pipeline TP over symmetric memory). Undoing the tensor-parallel optimisations, to measure with and
+without them in one call: ``mixed`` (the plan without its ReplicateParallel entries: norms and position embedding
 plain tensors, AdamW tensor by tensor) | ``fp32comm`` (no cast before the collectives: backward ones,
 and sequence parallel's forward all-gathers, in float32) | ``seqdim`` (sequence parallel shards
-dim 1 of (B, T, d), the copying layout). ``plain+mixed+fp32comm`` is the suite before issue 15.
+dim 1 of (B, T, d), the copying layout). ``plain+mixed+fp32comm`` is tensor parallel without them.
 
     python bench/tp_profile.py                                   # 2 GPUs, 356m and 2.7b
     python bench/tp_profile.py --flavors 356m:16 --variants plain,sp,sp+lp,plain+mixed
@@ -212,7 +212,7 @@ class Runner:
         torch.manual_seed(0)
         with torch.device(self.device):  # weights made on the device: seconds, not minutes, at 2.7b
             model = build_model("gpt", flavor, dropout=False)
-        if "seqdim" in tokens:  # sequence parallel sharding dim 1 of (B, T, d), as before issue 15
+        if "seqdim" in tokens:  # sequence parallel sharding dim 1 of (B, T, d), the copying layout
             model.sp_dim = 1
         if tokens & {"mixed", "fp32comm"}:
             plan_fn = model.tp_plan
@@ -221,9 +221,9 @@ class Runner:
                 out = {}
                 for k, v in plan_fn(sp, lp).items():
                     if "mixed" in tokens and isinstance(v, ReplicateParallel):
-                        continue  # as before issue 15: replicated layers left plain tensors
+                        continue  # without ReplicateParallel: replicated layers left plain tensors
                     if "fp32comm" in tokens and isinstance(v, PrepareModuleInputCast):
-                        v.cast = False  # as before issue 15: collectives in the norms' float32
+                        v.cast = False  # without the cast: collectives in the norms' float32
                     out[k] = v
                 return out
 

@@ -1,4 +1,4 @@
-"""The submit command tells the truth about a local job (issue 11): the rank that went away is
+"""The submit command tells the truth about a local job: the rank that went away is
 named, Ctrl-C and SIGTERM stop with a checkpoint and one line, a run folder belongs to one run,
 ``--attach`` follows a job whose submit command is gone. Real processes, real signals."""
 
