@@ -64,3 +64,45 @@ def test_every_module_opens_with_one_line_saying_its_job():
         if not doc.startswith(('"""', "'''")) or len(doc) <= 6:
             missing.append(name)
     assert not missing, f"these modules do not open with a one-line docstring: {missing}"
+
+
+# (importer prefix, imported prefix): what a room must not import, because it sits above it
+UPWARD = [
+    ("core", "jobs"),
+    ("core", "mp"),
+    ("core", "pp"),
+    ("core", "tp"),
+    ("core.models", "core.config"),
+    ("core.models", "core.parallel"),
+    ("core.models", "core.training"),
+    ("core.config", "core.parallel"),
+    ("core.config", "core.training"),
+    ("mp", "pp"),
+    ("mp", "tp"),
+    ("tp", "mp"),
+    ("tp", "pp"),
+    ("mp", "jobs"),
+    ("pp", "jobs"),
+    ("tp", "jobs"),
+    ("jobs.plan", "jobs.cli"),
+    ("jobs.plan", "jobs.launch"),
+    ("jobs.launch", "jobs.cli"),
+]
+# the plan reads the launch room's list of the files a run folder holds
+UPWARD_ALLOWED = {("jobs.plan.prepare", "jobs.launch.run_folder")}
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_rooms_import_downwards_only():
+    graph, _ = import_cycles.import_graph()
+    upward = sorted(
+        (m, t)
+        for m, targets in graph.items()
+        for t in targets
+        for low, high in UPWARD
+        if _within(m, low) and _within(t, high) and (m, t) not in UPWARD_ALLOWED
+    )
+    assert not upward, f"imports against the rooms' order (docs/architecture.md): {upward}"
