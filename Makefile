@@ -1,7 +1,7 @@
 # `make test` is exactly what .ci/run runs (README's test command).
 PY ?= python
 
-.PHONY: test test-gpu lint format bench
+.PHONY: test test-gpu lint format bench docs
 test:
 	$(PY) -m pytest -n auto
 
@@ -11,6 +11,7 @@ test-gpu:
 lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) tools/import_cycles.py
 
 format:
 	$(PY) -m ruff format .
@@ -18,3 +19,7 @@ format:
 
 bench:
 	$(PY) bench/pipeline_overlap.py
+
+# docs/cli.md from the declared options (tests/test_cli_reference.py fails while it is stale)
+docs:
+	$(PY) tools/cli_reference.py

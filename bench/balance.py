@@ -15,7 +15,6 @@ pass/fail; the table is printed and written to bench/results/balance_<device>.js
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -23,12 +22,12 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from core.block_profile import BlockCost  # noqa: E402
-from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result, write_json_atomic  # noqa: E402
-from core.report import table  # noqa: E402
-from jobs.submit import run_one  # noqa: E402
+from core.check.metrics import write_json_atomic  # noqa: E402
+from core.parallel.block_profile import BlockCost  # noqa: E402
+from core.report.render import table  # noqa: E402
 from pp.schedules import SCHEDULES, theory_bubble  # noqa: E402
+
+from job_runner import run_job  # noqa: E402
 
 DEFAULTS = {  # device: (models as model:flavor:global batch, schedules, micro-batches, steps, dtype)
     "cpu": ("delay:uneven:16", "1f1b", 8, 12, "fp32"),
@@ -71,8 +70,8 @@ def step_s(result: dict) -> float:
 def cost_model_ratio(result: dict, ideal_factor: float) -> float | None:
     """Step / ideal that the delay model's declared costs predict for this run's split (exact
     waits, no overshoot, free communication): the margin balancing by time should show."""
-    from core.balance import SplitPlan
     from core.models.delay import DELAY_FLAVORS
+    from core.parallel.balance import SplitPlan
 
     if result["model"] != "delay":
         return None
@@ -111,9 +110,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="balance-bench-")  # kept: a failed run's logs are there
 
     def run(name: str, **kw) -> dict | None:
-        c = RunConfig(device=a.device, cluster="local", steps=steps, dtype=dtype, log_every=10**9, **kw)
-        rc, folder = run_one(dataclasses.replace(c, out=os.path.join(tmp, name)), quiet=True)
-        return read_result(folder) if rc == 0 else None
+        return run_job(os.path.join(tmp, name), device=a.device, steps=steps, dtype=dtype, **kw)[1]
 
     for spec in models:
         model, flavor, batch = spec.split(":")

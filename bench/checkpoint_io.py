@@ -23,13 +23,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from core.checkpoint import Checkpointer, _state_dicts, param_holder  # noqa: E402
 from core.config import RunConfig  # noqa: E402
-from core.distributed import init_distributed  # noqa: E402
-from core.layout import Layout  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.models.gpt import GPT_FLAVORS  # noqa: E402
-from core.train import make_optimizer  # noqa: E402
+from core.parallel.distributed import init_distributed  # noqa: E402
+from core.parallel.layout import Layout  # noqa: E402
+from core.training.checkpoint import Checkpointer, _state_dicts, param_holder  # noqa: E402
+from core.training.train import make_optimizer  # noqa: E402
 
 
 def sync() -> None:

@@ -22,10 +22,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result  # noqa: E402
 from core.models.gpt import GPT_FLAVORS  # noqa: E402
-from jobs.submit import run_one  # noqa: E402
+
+from job_runner import run_job  # noqa: E402
 
 
 def main() -> int:
@@ -40,24 +39,20 @@ def main() -> int:
     rows = []
 
     def job(tmp: str, name: str, batch: int, **kw) -> dict:
-        cfg = RunConfig(
+        rc, r = run_job(
+            os.path.join(tmp, f"{name}-b{batch}"),
             model="gpt",
             flavor=a.flavor,
             batch_size=batch,
             steps=a.steps,
             dtype="bf16",
             device="cuda",
-            cluster="local",
-            log_every=10**9,
-            out=os.path.join(tmp, f"{name}-b{batch}"),
             **kw,
         )
-        rc, folder = run_one(cfg, quiet=True)
         row: dict = {"run": name, "global_batch": batch}
         if rc:
             row["error"] = f"exit {rc}"
         else:
-            r = read_result(folder)
             row.update(
                 tokens_per_s=round(r["steady_samples_per_sec"] * seq),
                 peak_gib_per_gpu=[round(b / 2**30, 1) for b in r["peak_memory_bytes"]],

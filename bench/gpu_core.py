@@ -26,12 +26,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from core.config import RunConfig  # noqa: E402
 from core.data import Dataset, Split  # noqa: E402
-from core.distributed import DistState  # noqa: E402
-from core.layout import Layout  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.models.gpt import GPT_FLAVORS  # noqa: E402
-from core.train import run  # noqa: E402
-from jobs.strategies import get_build  # noqa: E402
+from core.parallel.distributed import DistState  # noqa: E402
+from core.parallel.layout import Layout  # noqa: E402
+from core.training.train import run  # noqa: E402
+from jobs.plan.strategies import get_build  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 

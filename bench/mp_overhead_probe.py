@@ -16,10 +16,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from core.config import RunConfig  # noqa: E402
-from core.distributed import DistState  # noqa: E402
-from core.layout import Layout  # noqa: E402
 from core.models import build_model  # noqa: E402
-from core.strategy import single_device_build  # noqa: E402
+from core.parallel.distributed import DistState  # noqa: E402
+from core.parallel.layout import Layout  # noqa: E402
+from core.training.strategy import single_device_build  # noqa: E402
 from mp.placement import build as mp_build  # noqa: E402
 from mp.placement import place_layers  # noqa: E402
 

@@ -20,10 +20,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result  # noqa: E402
 from core.models.gpt import GPT_FLAVORS  # noqa: E402
-from jobs.submit import run_one  # noqa: E402
+
+from job_runner import pick, run_job  # noqa: E402
 
 
 def main() -> int:
@@ -39,38 +38,28 @@ def main() -> int:
     rows = []
 
     def job(name: str, **kw) -> None:
-        cfg = RunConfig(
+        folder = os.path.join(tmp, name)
+        rc, r = run_job(
+            folder,
             model="gpt",
             flavor=a.flavor,
             batch_size=a.batch,
             steps=a.steps,
             dtype="bf16",
             device="cuda",
-            cluster="local",
-            log_every=10**9,
-            out=os.path.join(tmp, name),
             **kw,
         )
-        rc, folder = run_one(cfg, quiet=True)
         if rc:
             rows.append({"run": name, "error": f"exit {rc}"})
             return
-        r = read_result(folder)
         row = {
             "run": name,
             "tokens_per_s": round(r["steady_samples_per_sec"] * tokens),
             "peak_gib_per_gpu": [round(b / 2**30, 1) for b in r["peak_memory_bytes"]],
             "final_loss": round(r["final_loss"], 4),
         }
-        for k in (
-            "microbatches",
-            "bubble_fraction",
-            "bubble_fraction_theory",
-            "timeline_step_time_s",
-            "communication_first_step",
-        ):
-            if r.get(k) is not None:
-                row[k] = r[k]
+        keys = ("microbatches", "bubble_fraction", "bubble_fraction_theory", "timeline_step_time_s")
+        row.update(pick(r, (*keys, "communication_first_step")))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if name == f"pp-1f1b-m{2 * n}" and os.path.exists(os.path.join(folder, "timeline.png")):

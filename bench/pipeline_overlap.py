@@ -19,11 +19,10 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result  # noqa: E402
 from core.models.delay import DELAY_FLAVORS  # noqa: E402
-from core.report import table  # noqa: E402
-from jobs.submit import run_one  # noqa: E402
+from core.report.render import table  # noqa: E402
+
+from job_runner import run_job  # noqa: E402
 
 
 def main() -> int:
@@ -42,7 +41,8 @@ def main() -> int:
                 # one stage's forward of one micro-batch of 4 samples (batch 4m): the delay costs per sample
                 f_ms = sum(flavor.forward_ms(i, 4) for i in range(flavor.blocks)) / p
                 for m in (p, 2 * p, 4 * p):
-                    cfg = RunConfig(
+                    rc, r = run_job(
+                        os.path.join(tmp, f"{schedule}-{p}-{m}"),
                         strategy="pp",
                         gpus=p,
                         model="delay",
@@ -52,15 +52,11 @@ def main() -> int:
                         batch_size=4 * m,
                         steps=4,
                         device=a.device,
-                        cluster="local",
-                        out=os.path.join(tmp, f"{schedule}-{p}-{m}"),
                         log_every=1000,
                     )
-                    rc, folder = run_one(cfg, quiet=True)
                     if rc:
                         rows.append({"schedule": schedule, "p": p, "m": m, "step ms": "failed"})
                         continue
-                    r = read_result(folder)
                     ideal = (m + p - 1) * 3 * f_ms  # f + b = f + 2f
                     step = 1000 * r["timeline_step_time_s"]
                     rows.append(

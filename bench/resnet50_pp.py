@@ -23,9 +23,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from core.config import RunConfig  # noqa: E402
-from core.metrics import read_result  # noqa: E402
-from jobs.submit import run_one  # noqa: E402
+from job_runner import pick, run_job  # noqa: E402
 
 
 def main() -> int:
@@ -44,7 +42,8 @@ def main() -> int:
     rows = []
 
     def job(name: str, **kw) -> dict | None:
-        cfg = RunConfig(
+        rc, r = run_job(
+            os.path.join(tmp, name),
             model=a.model,
             flavor=a.flavor,
             dataset="fakedata",  # no real 224 x 224 image set here; random images cost the same
@@ -53,26 +52,21 @@ def main() -> int:
             eval_samples=a.batch,
             dtype=a.dtype,
             device=a.device,
-            cluster="local",
-            log_every=10**9,
-            out=os.path.join(tmp, name),
             **kw,
         )
-        rc, folder = run_one(cfg, quiet=True)
         if rc:
             rows.append({"run": name, "error": f"exit {rc}"})
             print(json.dumps(rows[-1]), flush=True)
             return None
-        r = read_result(folder)
         row = {
             "run": name,
             "images_per_s": round(r["steady_samples_per_sec"], 1),
             "peak_gib_per_gpu": [round(b / 2**30, 2) for b in r["peak_memory_bytes"]],
             "final_loss": round(r["final_loss"], 4),
         }
-        for k in ("stages", "microbatches", "bubble_fraction", "bubble_fraction_theory", "timeline_step_time_s"):
-            if r.get(k) is not None:
-                row[k] = r[k]
+        row.update(
+            pick(r, ("stages", "microbatches", "bubble_fraction", "bubble_fraction_theory", "timeline_step_time_s"))
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
         return row

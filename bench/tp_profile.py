@@ -1,18 +1,18 @@
 """Where a tensor-parallel step's time goes: one GPU against tp 2 in one call, with a profile of each.
 
-For each gpt size: the one-device reference (core.strategy.single_device_build), then tp 2 through
-the suite's own build (tp.build_tp, core.train.make_optimizer) in each variant, steady tokens/s
+For each gpt size: the one-device reference (core.training.strategy.single_device_build), then tp 2 through
+the suite's own build (tp.build_tp, core.training.train.make_optimizer) in each variant, steady tokens/s
 over a few steps, and torch.profiler over one more step, summarised: GPU time in matmul kernels,
 attention, NCCL collectives, the optimizer's kernels, element-wise and other kernels, and the
 time the GPU sat idle (CPU gaps). Figures only, never pass/fail. Writes ``--out``.json and .txt.
 
 Variants are '+'-joined tokens: ``plain`` | ``sp`` (sequence parallel) | ``lp`` (loss parallel) |
 ``compile`` (torch.compile per block, as --compile) | ``async`` (sp + compile with inductor's
-micro-pipeline TP over symmetric memory). Undoing issue 15's changes, to measure before and after in
-one call: ``mixed`` (the plan without its ReplicateParallel entries: norms and position embedding
+micro-pipeline TP over symmetric memory). Undoing the tensor-parallel optimisations, to measure with and
+without them in one call: ``mixed`` (the plan without its ReplicateParallel entries: norms and position embedding
 plain tensors, AdamW tensor by tensor) | ``fp32comm`` (no cast before the collectives: backward ones,
 and sequence parallel's forward all-gathers, in float32) | ``seqdim`` (sequence parallel shards
-dim 1 of (B, T, d), the copying layout). ``plain+mixed+fp32comm`` is the suite before issue 15.
+dim 1 of (B, T, d), the copying layout). ``plain+mixed+fp32comm`` is tensor parallel without them.
 
     python bench/tp_profile.py                                   # 2 GPUs, 356m and 2.7b
     python bench/tp_profile.py --flavors 356m:16 --variants plain,sp,sp+lp,plain+mixed
@@ -165,9 +165,9 @@ def bus_bandwidth(device: torch.device, world: int) -> dict:
 
 class Runner:
     def __init__(self, a: argparse.Namespace, rank: int, world: int) -> None:
-        from core import distributed
         from core.config import RunConfig
-        from core.layout import Layout
+        from core.parallel import distributed
+        from core.parallel.layout import Layout
 
         self.a, self.rank, self.world = a, rank, world
         self.cuda = a.device == "cuda"
@@ -201,8 +201,8 @@ class Runner:
     def build(self, flavor: str, batch: int, variant: str):
         from core.models import build_model
         from core.models.tp_styles import PrepareModuleInputCast, ReplicateParallel
-        from core.strategy import single_device_build
-        from core.train import make_optimizer, set_numerics
+        from core.training.strategy import single_device_build
+        from core.training.train import make_optimizer, set_numerics
         from tp.build import build_tp
 
         tokens = set(variant.split("+"))
@@ -212,7 +212,7 @@ class Runner:
         torch.manual_seed(0)
         with torch.device(self.device):  # weights made on the device: seconds, not minutes, at 2.7b
             model = build_model("gpt", flavor, dropout=False)
-        if "seqdim" in tokens:  # sequence parallel sharding dim 1 of (B, T, d), as before issue 15
+        if "seqdim" in tokens:  # sequence parallel sharding dim 1 of (B, T, d), the copying layout
             model.sp_dim = 1
         if tokens & {"mixed", "fp32comm"}:
             plan_fn = model.tp_plan
@@ -221,9 +221,9 @@ class Runner:
                 out = {}
                 for k, v in plan_fn(sp, lp).items():
                     if "mixed" in tokens and isinstance(v, ReplicateParallel):
-                        continue  # as before issue 15: replicated layers left plain tensors
+                        continue  # without ReplicateParallel: replicated layers left plain tensors
                     if "fp32comm" in tokens and isinstance(v, PrepareModuleInputCast):
-                        v.cast = False  # as before issue 15: collectives in the norms' float32
+                        v.cast = False  # without the cast: collectives in the norms' float32
                     out[k] = v
                 return out
 
@@ -238,7 +238,7 @@ class Runner:
             enable_symm_mem_for_group(self.state.submesh("tp").get_group().group_name)
         if cfg.compile:
             for block in model.blocks.values():
-                block.compile()  # as core.train does: in place, before the style cuts the model
+                block.compile()  # as core.training.train does: in place, before the style cuts the model
         built = single_device_build(model, cfg, self.device) if one else build_tp(model, cfg, self.state)
         opt = make_optimizer(cfg, [p for _, p in built.params], model)
         return cfg, model, built, opt
@@ -334,7 +334,7 @@ def worker(rank: int, world: int, a: argparse.Namespace, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
-    from core import distributed
+    from core.parallel import distributed
 
     r = Runner(a, rank, world)
     rows: list[dict] = []

@@ -1,1 +1,1 @@
-"""Shared core of model-parallel-suite: data, models, the one training loop, reference and metrics."""
+"""The shared core every style uses: config, parallel, training, check, report, models, data, errors."""

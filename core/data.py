@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from core.models.registry import dataset_factory
+
 if TYPE_CHECKING:
     from core.models.base import BlockModel
 
@@ -195,8 +197,6 @@ def synthetic_vectors(n: int, width: int, seed: int) -> Split:
 
 def load_dataset(model: BlockModel, dataset: str, data_dir: str, seed: int, batch_size: int) -> Dataset:
     """The training data of ``--dataset`` (a built-in name or package.module:factory), for this model."""
-    from core.models.registry import dataset_factory
-
     data = dataset_factory(dataset)(model=model, data_dir=data_dir, seed=seed, batch_size=batch_size)
     if isinstance(data, Dataset):
         return data

@@ -1,1 +1,1 @@
-"""Launching: the submit command, the submitit task and executors."""
+"""The command and its launching: cli/ (parser, commands), plan/, launch/ (executors, watching), validate/."""

@@ -22,17 +22,23 @@ if ROOT not in sys.path:
 # the job imports this code by reference: make it importable in every task, installed or not
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from core.config import ConfigError, RunConfig  # noqa: E402
-from core.data import DataError  # noqa: E402
-from jobs.cli import parse  # noqa: E402
-from jobs.plan import prepare  # noqa: E402
-from jobs.stopping import Interrupted, children_ignore_sigint, interruptible, stop_job  # noqa: E402
-from jobs.watch import JobFailed, wait_for  # noqa: E402
-
-
-def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return code
+from core.check.metrics import format_summary, read_result, write_json_atomic
+from core.config import ConfigError, RunConfig
+from core.data import DataError
+from jobs.cli import side_job
+from jobs.cli.attach import attach
+from jobs.cli.common import fail
+from jobs.cli.compare import compare
+from jobs.cli.parser import parse
+from jobs.cli.pytest_job import PytestTask
+from jobs.cli.resume import export, resume_config
+from jobs.launch import hang_report, run_folder
+from jobs.launch.executor import free_port, make_executor, preview
+from jobs.launch.stopping import Interrupted, children_ignore_sigint, interruptible, stop_job
+from jobs.launch.task import TrainTask
+from jobs.launch.watch import JobFailed, wait_for
+from jobs.plan.prepare import prepare
+from jobs.validate.node_check import run_validate
 
 
 def run_one(
@@ -44,10 +50,6 @@ def run_one(
     except (ConfigError, DataError) as e:
         return fail(str(e)), ""
 
-    from core.metrics import write_json_atomic
-    from jobs.executor import free_port, make_executor, preview
-    from jobs.task import TrainTask
-
     folder, cluster, layout = plan.run_dir, plan.cluster, plan.layout
     shown = {k: v for k, v in cfg.to_dict().items() if v not in (None, False, [])}
     if not quiet:
@@ -58,8 +60,6 @@ def run_one(
         print(preview(plan, log_dir))
         return 0, folder
     import submitit
-
-    from jobs import run_folder
 
     try:
         created = run_folder.claim(folder, resuming)
@@ -89,9 +89,6 @@ def run_one(
 
 def watch_to_end(job, cluster: str, folder: str, cfg: RunConfig, echo: bool = True, quiet: bool = False) -> int:
     """Follow a submitted (or re-attached) job to its end; print its summary. The exit code."""
-    from core.metrics import format_summary, read_result
-    from jobs import hang_report
-
     log_dir = os.path.join(folder, "submitit")
     say = lambda line: print(line, flush=True)  # noqa: E731
     hangs = hang_report.HangWatch(folder, job.num_tasks, say)
@@ -116,9 +113,6 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
     --gpus GPUs, in --container if given), so a node is checked before it is trusted."""
     import dataclasses
 
-    from jobs import side_job
-    from jobs.pytest_job import PytestTask
-
     if not re.fullmatch(r"[A-Za-z_][\w ]*", marker):
         return fail(f"--pytest takes a marker expression such as gpu (got {marker!r})")
     # shape the job like mp: one task that sees all the GPUs the tests may use
@@ -137,32 +131,22 @@ def run_pytest_job(cfg: RunConfig, marker: str, dry_run: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg, actions, given = parse(argv)
     if actions.compare:
-        from jobs.compare import compare
-
         return compare(cfg, run_one)
     if actions.pytest:
         return run_pytest_job(cfg, actions.pytest, actions.dry_run)
     if actions.validate:
-        from jobs.validate import run_validate
-
         return run_validate(cfg, actions.thresholds, actions.dry_run)
     if actions.export:
-        from jobs.resume import export
-
         try:
             return export(*actions.export, force=actions.force)
         except ConfigError as e:
             return fail(str(e))
     if actions.attach:
-        from jobs.attach import attach
-
         try:
             return attach(actions.attach, watch_to_end)
         except ConfigError as e:
             return fail(str(e))
     if actions.resume:
-        from jobs.resume import resume_config
-
         try:
             cfg = resume_config(actions.resume, cfg, given)
         except ConfigError as e:

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from core.config import RunConfig
-from core.data_parallel import replicate_over_dp
-from core.distributed import DistState
 from core.models import BlockModel
 from core.models.base import held_buffers
-from core.partition import stage_blocks
-from core.strategy import Built, autocast
-from core.timeline import RecordedTimeline, TimelineRecorder
+from core.parallel.data_parallel import replicate_over_dp
+from core.parallel.distributed import DistState
+from core.parallel.partition import stage_blocks
+from core.report.timeline import RecordedTimeline, TimelineRecorder
+from core.training.strategy import Built, autocast
 
 
 def stage_devices(n: int, first: torch.device) -> list[torch.device]:

@@ -1,6 +1,6 @@
 """Pipeline parallelism on torch.distributed.pipelining: our stages, torch's schedules.
 
-The model's blocks are cut at the same seams as mp (core.partition.stage_blocks); each rank holds
+The model's blocks are cut at the same seams as mp (core.parallel.partition.stage_blocks); each rank holds
 one stage, or two for interleaved / looped / V-shaped schedules, wrapped in ``PipelineStage``.
 The schedule class comes from torch by name and owns forward and backward of every micro-batch.
 
@@ -19,16 +19,16 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from core import progress
 from core.config import ConfigError, RunConfig
-from core.data_parallel import replicate_over_dp
-from core.distributed import DistState
-from core.layout import Layout
 from core.models import BlockModel, describe
 from core.models.base import held_buffers
-from core.partition import stage_blocks
-from core.strategy import Built, autocast
-from core.timeline import RecordedTimeline, TimelineRecorder
+from core.parallel.data_parallel import replicate_over_dp
+from core.parallel.distributed import DistState
+from core.parallel.layout import Layout
+from core.parallel.partition import stage_blocks
+from core.report.timeline import RecordedTimeline, TimelineRecorder
+from core.training import progress
+from core.training.strategy import Built, autocast
 from pp.schedules import SCHEDULES, min_microbatches, stage_indices, theory_bubble
 from pp.stage_timing import wrap_stage
 
@@ -171,7 +171,7 @@ def resolved_microbatches(cfg: RunConfig, layout: Layout) -> int:
 
 def validate(cfg: RunConfig, layout: Layout) -> None:
     """Everything the pipeline needs, checked on the submitting host (ConfigError: exit 2).
-    Stage counts against blocks and --split are checked with the layout (core.config.validate)."""
+    Stage counts against blocks and --split are checked with the layout (jobs/plan/checks.py)."""
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     p = layout.pp

@@ -7,7 +7,7 @@ schedule, never asked of the user) and the textbook bubble to compare measuremen
 
 from __future__ import annotations
 
-from core.pipeline_schedules import SCHEDULES, ScheduleInfo
+from core.parallel.pipeline_schedules import SCHEDULES, ScheduleInfo
 
 __all__ = ["SCHEDULES", "ScheduleInfo", "min_microbatches", "stage_indices", "stage_owner", "theory_bubble"]
 

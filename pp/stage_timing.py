@@ -5,7 +5,7 @@ They are wrapped on the instance, so the schedule, not us, decides the order; we
 
 from __future__ import annotations
 
-from core.timeline import TimelineRecorder
+from core.report.timeline import TimelineRecorder
 
 
 def wrap_stage(recorder: TimelineRecorder, stage) -> None:

@@ -16,24 +16,25 @@ def one_process(config: RunConfig, device=None):
     """The DistState of a single-process run of ``config`` (reference, mp without dp)."""
     import torch
 
-    from core.distributed import DistState
-    from core.layout import Layout
+    from core.parallel.distributed import DistState
+    from core.parallel.layout import Layout
 
     return DistState(Layout.from_config(config), device=device or torch.device("cpu"))
 
 
 def join(config: RunConfig, device: str = "cpu", timeout_s: float = 60.0):
     """Inside a harness rank: the process group and mesh of ``config``'s layout."""
-    from core import distributed
-    from core.layout import Layout
+    from core.parallel import distributed
+    from core.parallel.layout import Layout
 
     return distributed.init_distributed(Layout.from_config(config), device, timeout_s=timeout_s)
 
 
 def train_in_rank(config: RunConfig, out_dir: str | None = None, dataset: Dataset | None = None):
-    """What a launched rank does (jobs.task.TrainTask without submitit): returns the result dict."""
-    from core import distributed, train
-    from jobs.strategies import get_build
+    """What a launched rank does (jobs.launch.task.TrainTask without submitit): returns the result dict."""
+    from core.parallel import distributed
+    from core.training import train
+    from jobs.plan.strategies import get_build
 
     state = join(config, timeout_s=config.dist_timeout_s)
     try:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 
-from jobs.executor import free_port
+from jobs.launch.executor import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
 MISSING_REASON = "Slurm daemons not installed: apt-get install slurmctld slurmd slurm-client munge (.ci/run does)"

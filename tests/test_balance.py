@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import ConfigError, validate
+from core.config import ConfigError
 from core.models import build_model
-from core.partition import balanced_split, time_split
+from core.parallel.partition import balanced_split, time_split
+from jobs.plan.strategies import validate_run
 
 from harness import run_ranks
 from helpers import cfg, join
@@ -53,9 +54,9 @@ class PlanOnRanks:
     """plan_for_run on a real gloo group of 4 pipeline ranks: rank 0 profiles, every rank gets its plan."""
 
     def __call__(self) -> dict:
-        from core import distributed
-        from core.balance import plan_for_run
         from core.data import synthetic_vectors
+        from core.parallel import distributed
+        from core.parallel.balance import plan_for_run
 
         c = cfg(strategy="pp", gpus=4, model="delay", flavor="uneven", microbatches=8, batch_size=16)
         state = join(c)
@@ -120,9 +121,9 @@ def test_balance_flag_reaches_result_json_with_predicted_and_measured_stage_time
 
 @pytest.mark.parametrize("gpus,batch,microbatches", [(2, 16, None), (4, 16, None), (3, 12, None), (4, 16, 8)])
 def test_plan_counts_microbatches_and_places_stages_as_the_pipeline_does(gpus, batch, microbatches):
-    from core.balance import pipeline_microbatches, stage_owners
-    from core.distributed import DistState
-    from core.layout import Layout
+    from core.parallel.balance import pipeline_microbatches, stage_owners
+    from core.parallel.distributed import DistState
+    from core.parallel.layout import Layout
     from pp.pipeline import resolved_microbatches
     from pp.schedules import SCHEDULES, stage_owner
 
@@ -144,4 +145,4 @@ def test_plan_counts_microbatches_and_places_stages_as_the_pipeline_does(gpus, b
 )
 def test_bad_balance_is_refused_in_one_line(kw, message):
     with pytest.raises(ConfigError, match=message):
-        validate(cfg(**kw))
+        validate_run(cfg(**kw))

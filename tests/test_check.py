@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from core.reference import update_rel_diff
+from core.check.reference import update_rel_diff
 
 from helpers import run_submit
 

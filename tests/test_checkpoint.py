@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from core.stop import PREEMPT, STOP, StopRequest
-from core.train import Preempted, run
-from jobs.strategies import get_build
+from core.training.stop import PREEMPT, STOP, StopRequest
+from core.training.train import Preempted, run
+from jobs.plan.strategies import get_build
 
 from helpers import cfg, one_process, small_mnist
 
@@ -200,10 +200,10 @@ class BackgroundSave:
     def __call__(self) -> dict:
         import torch
 
-        from core.checkpoint import Checkpointer
-        from core.distributed import full_tensor
-        from core.train import make_optimizer
-        from jobs.strategies import get_build
+        from core.parallel.distributed import full_tensor
+        from core.training.checkpoint import Checkpointer
+        from core.training.train import make_optimizer
+        from jobs.plan.strategies import get_build
 
         from helpers import join
 
@@ -242,8 +242,8 @@ def test_a_resumed_optimizer_keeps_its_own_kernel_choice(tmp_path):
     of DTensors and tensors refuses fused kernels, and the loaded param groups switched fused on."""
     import torch
 
-    from core.checkpoint import Checkpointer
     from core.models import build_model
+    from core.training.checkpoint import Checkpointer
 
     c = cfg(strategy="reference", model="gpt")
     state = one_process(c)

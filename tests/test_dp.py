@@ -76,7 +76,7 @@ def test_data_parallel_eval_scores_every_held_out_sample_once():
 
 @pytest.mark.parametrize("strategy,gpus,dp,tp", [("dp", 4, 4, 1), ("mp", 6, 2, 1), ("pp", 8, 2, 2), ("tp", 4, 2, 2)])
 def test_replica_shards_cover_the_global_batch_once(strategy, gpus, dp, tp):
-    from core.layout import Layout
+    from core.parallel.layout import Layout
 
     layout = Layout.from_config(cfg(strategy=strategy, gpus=gpus, dp=dp, tp=tp, model="gpt"))
     rows = [r for rank in range(layout.processes) for r in range(24)[layout.shard(rank, 24)]]
@@ -86,7 +86,7 @@ def test_replica_shards_cover_the_global_batch_once(strategy, gpus, dp, tp):
 
 
 def test_default_dp_mode_is_ddp_and_fsdp_where_tensor_parallel_needs_it():
-    from core.layout import Layout
+    from core.parallel.layout import Layout
 
     assert Layout.from_config(cfg(strategy="dp", gpus=2)).dp_mode == "ddp"  # measured faster (README)
     assert Layout.from_config(cfg(strategy="mp", gpus=4, dp=2)).dp_mode == "ddp"

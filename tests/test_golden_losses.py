@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from core.train import run
-from jobs.strategies import get_build
+from core.training.train import run
+from jobs.plan.strategies import get_build
 
 from helpers import cfg, one_process, small_mnist
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from core.data import Dataset, Split
-from core.distributed import DistState
-from core.train import run
-from jobs.strategies import get_build
+from core.parallel.distributed import DistState
+from core.training.train import run
+from jobs.plan.strategies import get_build
 from pp.schedules import SCHEDULES
 
 from harness import run_ranks
@@ -73,7 +73,7 @@ class GpuMatrix:
     def __call__(self) -> dict:
         import os
 
-        from core import distributed
+        from core.parallel import distributed
 
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         out = {}
@@ -91,7 +91,7 @@ class GpuMatrix:
                     batch_size=4 * self.world,
                 )
                 try:
-                    from jobs.strategies import validate_run
+                    from jobs.plan.strategies import validate_run
 
                     validate_run(c)
                 except Exception:

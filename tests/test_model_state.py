@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from core.train import run
-from jobs.strategies import get_build
+from core.training.train import run
+from jobs.plan.strategies import get_build
 
 from harness import run_ranks
 from helpers import cfg, one_process, train_in_rank
@@ -41,9 +41,9 @@ def test_batch_norm_statistics_cross_a_resume_from_pp_2_to_mp_3_and_export_into_
     scores exactly what the pp 2 run scored; the export loads strictly into torchvision's resnet18."""
     import torchvision
 
-    from core.checkpoint import Checkpointer
     from core.models import build_model
     from core.models.base import held_buffers
+    from core.training.checkpoint import Checkpointer
 
     model = "torchvision:resnet18"
     a = tmp_path / "a"
@@ -86,9 +86,9 @@ def test_a_buffer_that_feeds_the_forward_resumes_bit_for_bit(tmp_path):
 
 def test_check_fails_on_a_buffer_the_style_lost():
     """The parity check compares buffers after each step: a style whose buffer diverged fails."""
-    from core.reference import ParityChecker
-    from core.strategy import single_device_build
-    from core.train import make_optimizer
+    from core.check.reference import ParityChecker
+    from core.training.strategy import single_device_build
+    from core.training.train import make_optimizer
 
     from stateful_models import centred
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.models import build_model, count_blocks
-from core.partition import balanced_split, stage_blocks
+from core.parallel.partition import balanced_split, stage_blocks
 
 
 @pytest.mark.parametrize("name,flavor", [("mnist-cnn", "tiny"), ("gpt", "tiny"), ("delay", "tiny")])

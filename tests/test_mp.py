@@ -6,8 +6,8 @@ import torch
 
 from core.data import Dataset, Split
 from core.models import build_model
-from core.train import run
-from jobs.strategies import get_build
+from core.training.train import run
+from jobs.plan.strategies import get_build
 from mp import place_layers
 
 from helpers import cfg, one_process, small_mnist

@@ -49,7 +49,7 @@ def ranks_on_nodes(out) -> dict[int, str]:
     """rank -> node, as each task logged it when it started."""
     import submitit
 
-    from jobs.nodes import task_nodes
+    from jobs.launch.nodes import task_nodes
 
     (sub,) = (out / "submitit").glob("*_submission.sh")
     job_id = sub.name.split("_")[0]
@@ -88,7 +88,7 @@ def test_pipeline_stages_on_different_nodes_pass_the_check(cluster, tmp_path, na
     c = r["check"]
     # loss and gradients against the single-device run (DESIGN section 4), at --check's own
     # tolerance; not c["passed"]: that also covers a parameter-update comparison being reworked
-    # in core/reference.py right now, which fails the same way on one node
+    # in core/check/reference.py right now, which fails the same way on one node
     assert c["max_loss_abs_diff"] <= c["tolerance"] and c["max_grad_rel_diff"] <= c["tolerance"], c
     assert r["nodes"] == 2
     where = ranks_on_nodes(out)
@@ -223,7 +223,7 @@ def test_first_node_naming_itself_loopback_still_gives_its_reachable_address(clu
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n127.0.1.1 n1\n")
     code = (
-        "from core.distributed import rendezvous_address, route_interface; "
+        "from core.parallel.distributed import rendezvous_address, route_interface; "
         "a = rendezvous_address('n1'); print(a, route_interface(a))"
     )
     inner = f'mount --bind {hosts} /etc/hosts && getent hosts n1 && {sys.executable} -c "{code}"'

@@ -33,7 +33,7 @@ def env_with(folder: str) -> dict:
 
 def assert_green(check: dict, case) -> None:
     # fp32, TF32 off: only the summation order differs (micro-batches, split matmuls): ~1e-6
-    # measured, 1e-5 allowed; updates within the check's own parameter tolerance (core.reference)
+    # measured, 1e-5 allowed; updates within the check's own parameter tolerance (core.check.reference)
     assert check["passed"], (case, check)
     assert check["max_grad_rel_diff"] < 1e-5 and check["max_loss_abs_diff"] < 1e-5, (case, check)
     assert check["max_param_rel_diff"] <= check["param_tolerance"], (case, check)
@@ -70,9 +70,9 @@ class OwnModelMatrix:
         import torch
 
         sys.path.insert(0, self.folder)
-        from core import distributed
-        from core.train import run
-        from jobs.strategies import get_build
+        from core.parallel import distributed
+        from core.training.train import run
+        from jobs.plan.strategies import get_build
 
         cases = {
             "pp 1f1b": dict(strategy="pp", schedule="1f1b", split=[3, 2]),
@@ -109,7 +109,7 @@ def test_own_model_runs_check_green_under_pp_tp_dp_and_a_wrong_learning_rate_fai
 def test_own_model_under_mp_and_a_wrong_learning_rate_fails(outside, monkeypatch):
     import torch
 
-    from core.train import run
+    from core.training.train import run
     from mp import build
 
     monkeypatch.syspath_prepend(outside)
@@ -209,7 +209,7 @@ def test_what_the_contract_cannot_do_is_refused_in_one_line(case, tmp_path):
 
 def test_tied_weights_in_one_stage_are_accepted_and_stay_tied(tmp_path, monkeypatch):
     from core.models import build_model
-    from jobs.strategies import validate_run
+    from jobs.plan.strategies import validate_run
 
     (tmp_path / "contract_models.py").write_text(textwrap.dedent(TIED))
     monkeypatch.syspath_prepend(str(tmp_path))

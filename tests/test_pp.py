@@ -16,7 +16,7 @@ MODELS = {"mnist-cnn": dict(batch_size=16), "gpt": dict(flavor="tiny", batch_siz
 
 
 def valid(config) -> bool:
-    from jobs.strategies import validate_run
+    from jobs.plan.strategies import validate_run
 
     try:
         validate_run(config)
@@ -32,9 +32,9 @@ class ParityMatrix:
         self.world = world
 
     def __call__(self) -> dict:
-        from core import distributed
-        from core.train import run
-        from jobs.strategies import get_build
+        from core.parallel import distributed
+        from core.training.train import run
+        from jobs.plan.strategies import get_build
 
         mnist = small_mnist(256, 64)
         out = {}
@@ -73,9 +73,9 @@ def test_every_schedule_matches_the_reference(world):
 
 class GradAccum:
     def __call__(self):
-        from core import distributed
-        from core.train import run
-        from jobs.strategies import get_build
+        from core.parallel import distributed
+        from core.training.train import run
+        from jobs.plan.strategies import get_build
 
         data = small_mnist(256, 32)
         c = cfg(strategy="pp", gpus=2, steps=3, batch_size=16, grad_accum=2, schedule="gpipe", check=True)

@@ -188,4 +188,4 @@ def test_a_crash_after_a_checkpoint_is_requeued_and_resumes_exactly(slurm, tmp_p
     out = tmp_path / "no-retry"
     args = [*common, "--checkpoint-every", "4", "--max-retries", "0", "--out", out]
     p = run_submit("--cluster", "slurm", *args, cwd=tmp_path, env=env)
-    assert p.returncode == 1 and "rank 1: core.faults.InjectedFaultError" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 1 and "rank 1: core.training.faults.InjectedFaultError" in p.stderr, p.stderr[-2000:]

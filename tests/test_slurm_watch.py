@@ -1,4 +1,4 @@
-"""The watcher against a real Slurm (issue 11): a controller outage is not a failed job, a pending
+"""The watcher against a real Slurm: a controller outage is not a failed job, a pending
 job says why (a drained node, named), the rank killed by pid is the one blamed, and
 ``--cluster auto`` with a silent controller is an error, not a run on the login node."""
 

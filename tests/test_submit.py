@@ -85,7 +85,6 @@ BAD = {
     "max retries negative": (["--max-retries", "-1"], "--max-retries must be 0 or more"),
     "init from a missing file": (["--init-from", "/nonexistent/w.pt"], "is not a file"),
     "unknown dp mode": (["--strategy", "dp", "--gpus", "2", "--dp-mode", "zero3"], "unknown --dp-mode"),
-    # checked too late before (issue 11, point 7)
     "tp zero": (["--strategy", "tp", "--gpus", "2", "--tp", "0", "--model", "gpt"], "--tp must be at least 1"),
     "dist timeout zero": (["--dist-timeout", "0"], "--dist-timeout must be a positive number"),
     "dist timeout negative": (["--dist-timeout", "-1"], "--dist-timeout must be a positive number"),
@@ -275,7 +274,7 @@ def test_resume_without_a_checkpoint_and_checkpoint_every_zero_are_refused(tmp_p
     assert "--checkpoint-every must be at least 1" in capsys.readouterr().err
 
 
-# ---- issue 11, point 7: refused before anything starts, nothing created ----------------------
+# ---- refused before anything starts, nothing created ---------------------------------------
 SHARED_MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
@@ -350,7 +349,7 @@ def test_the_time_limit_signal_lead_follows_time(tmp_path, capsys):
 
 
 def test_side_jobs_preview_refuse_bad_input_and_run_through_the_one_watcher(tmp_path, capsys):
-    """--pytest and --validate share training's way in (jobs.side_job): a --dry-run preview that
+    """--pytest and --validate share training's way in (jobs.cli.side_job): a --dry-run preview that
     creates nothing, one line for bad input, and a real job waited for by the one watcher."""
     local = ["--cluster", "local", "--device", "cpu"]
     for extra in (["--pytest", "gpu"], ["--validate", "--gpus", "2"]):

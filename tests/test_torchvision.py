@@ -57,7 +57,7 @@ def test_vit_glue_and_class_token_join_the_block_that_uses_them():
 
 
 def test_unknown_torchvision_model_is_refused():
-    from jobs.strategies import validate_run
+    from jobs.plan.strategies import validate_run
 
     with pytest.raises(ConfigError, match="unknown torchvision model 'resnet7'"):
         validate_run(cfg(model="torchvision:resnet7"))
@@ -66,7 +66,7 @@ def test_unknown_torchvision_model_is_refused():
 
 
 def test_resnet18_mp_3_passes_check():
-    from core.train import run
+    from core.training.train import run
     from mp import build
 
     c = cfg(strategy="mp", gpus=3, **RUN)
@@ -78,9 +78,9 @@ def test_resnet18_mp_3_passes_check():
 
 class Pipeline:
     def __call__(self) -> dict:
-        from core import distributed
-        from core.train import run
-        from jobs.strategies import get_build
+        from core.parallel import distributed
+        from core.training.train import run
+        from jobs.plan.strategies import get_build
 
         try:
             c = cfg(strategy="pp", gpus=2, schedule="gpipe", **RUN)

@@ -17,9 +17,9 @@ class TPMatrix:
         self.world = world
 
     def __call__(self) -> dict:
-        from core import distributed
-        from core.train import run
-        from jobs.strategies import get_build
+        from core.parallel import distributed
+        from core.training.train import run
+        from jobs.plan.strategies import get_build
 
         out = {}
         try:
@@ -96,7 +96,7 @@ def test_communication_counts_equal_the_megatron_prediction(world):
     ],
 )
 def test_bad_tensor_parallel_input_is_refused(kw, msg):
-    from jobs.strategies import validate_run
+    from jobs.plan.strategies import validate_run
 
     base = dict(strategy="tp")
     base.update(kw)

@@ -1,4 +1,4 @@
-"""The submit command tells the truth about a local job (issue 11): the rank that went away is
+"""The submit command tells the truth about a local job: the rank that went away is
 named, Ctrl-C and SIGTERM stop with a checkpoint and one line, a run folder belongs to one run,
 ``--attach`` follows a job whose submit command is gone. Real processes, real signals."""
 
@@ -93,7 +93,7 @@ def test_ctrl_c_checkpoints_then_stops_in_one_line_and_resume_continues(tmp_path
     assert "Traceback" not in stdout + stderr
     assert "with a checkpoint: continue with --resume" in stdout
     assert not _alive(controller)
-    from core.checkpoint import latest_checkpoint
+    from core.training.checkpoint import latest_checkpoint
 
     step = latest_checkpoint(str(out))["position"]["step"]
     assert step >= 1

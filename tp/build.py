@@ -7,11 +7,11 @@ import contextlib
 import torch
 
 from core.config import RunConfig
-from core.data_parallel import replicate_over_dp
-from core.distributed import DistState, full_tensor
 from core.models import BlockModel
 from core.models.base import held_buffers
-from core.strategy import Built, autocast
+from core.parallel.data_parallel import replicate_over_dp
+from core.parallel.distributed import DistState, full_tensor
+from core.training.strategy import Built, autocast
 from tp.comm import CommCounter
 from tp.plan import apply_tp
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from torch.distributed.tensor.parallel import parallelize_module
 
 from core.config import ConfigError, RunConfig
-from core.layout import Layout
 from core.models import BlockModel, describe
+from core.parallel.layout import Layout
 
 
 def tp_plan(model: BlockModel, cfg: RunConfig) -> dict:

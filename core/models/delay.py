@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.data import Dataset, Split, synthetic_vectors
 from core.models.base import BlockModel
 
 if TYPE_CHECKING:
@@ -116,8 +117,6 @@ class DelayModel(BlockModel):
         return F.mse_loss(output, target)
 
     def synthetic_data(self, batch_size: int, seed: int) -> Dataset:
-        from core.data import Dataset, Split, synthetic_vectors
-
         n = max(64 * batch_size, 1024)  # a few hundred steps, and a held-out tail of one batch
         split = synthetic_vectors(n + batch_size, self.flavor.width, seed)
         return Dataset(

@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from core.config import ConfigError
+from core.errors import ConfigError
 
 RATE_ATTRIBUTES = ("p", "drop_prob", "drop_rate", "drop_path_prob", "stochastic_depth_prob")
 """Attributes that hold a random layer's rate in torch, torchvision and common user code."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from core.config import ConfigError
+from core.errors import ConfigError
 from core.models.base import BlockModel
 from core.models.randomness import switch_off_known
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from core.config import ConfigError
+from core.errors import ConfigError
 from core.models.base import BlockModel
 
 IMAGE_SIZES = {"tiny": 32, "small": 64, "224": 224}

@@ -8,8 +8,8 @@ again, so the module computes exactly what it did (every rank the whole thing) a
 communicated, forward or backward. It exists for the optimizer: when EVERY parameter is a DTensor on
 one mesh, AdamW runs its fused (or foreach) kernels; one plain tensor among DTensors (a norm, a
 position embedding) makes the multi-tensor kernels refuse the mix and AdamW steps tensor by tensor,
-paying DTensor's dispatch per parameter and per operation (issue 15: the largest cost found beyond
-the all-reduces). torchtitan's ``NoParallel`` is the same idea.
+paying DTensor's dispatch per parameter and per operation (the largest cost profiled beyond the
+all-reduces). torchtitan's ``NoParallel`` is the same idea.
 
 ``PrepareModuleInputCast``: PrepareModuleInput that casts to the autocast dtype before the
 collective, so that tensor parallel's collectives move bf16 both ways under bf16 autocast.
@@ -61,7 +61,7 @@ class PrepareModuleInputCast(PrepareModuleInput):
     the collective that makes the input whole (sequence parallel: the forward all-gather) moves
     float32, and in backward the partial input gradients of the column-split linears come back cast
     to float32 before DTensor reduces them: every backward all-reduce (reduce-scatter) moved twice
-    the bytes of its forward twin (issue 15's profile: AllReduce_Sum_f32 beside AllReduce_Sum_bf16).
+    the bytes of its forward twin (a profile shows AllReduce_Sum_f32 beside AllReduce_Sum_bf16).
     Casting once here is the cast each linear would do (same values forward); backward the partial
     gradients add up and are reduced in bf16, as Megatron-LM reduces them. Without autocast
     (float32 runs, --check on CPU) nothing changes.

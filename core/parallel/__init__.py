@@ -1,0 +1,1 @@
+"""The parallel layout and its parts: degrees, process groups, data parallel, partitioning and balance."""

@@ -1,0 +1,1 @@
+"""Pictures and tables of a run: the measured timeline and comparisons."""

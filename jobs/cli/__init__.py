@@ -1,0 +1,1 @@
+"""The command line: options derived from the configuration, and the commands beside training."""

@@ -1,0 +1,140 @@
+"""Choosing and configuring the submitit executor: Slurm when it answers, else the local executor.
+
+The local executor runs the very same task as Slurm would (one process per task, the same
+environment variables), so a laptop run and a cluster run differ only in where they start.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+
+import submitit
+
+from core.config import RunConfig
+from jobs.plan.prepare import LaunchPlan
+
+
+def signal_lead_s(time_min: int) -> int:
+    """How long before the time limit the job gets USR2 (checkpoint, then requeue): a quarter of
+    the limit, at most 120 s. A fixed 120 s would arrive before a 2-minute job has even started
+    (and Python's default action for USR2 kills it: exit 140); a requeued attempt would get it at
+    once and loop."""
+    return int(min(120, max(5, time_min * 60 // 4)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmScriptPreview(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor for rendering only (--dry-run): its constructor refuses to run where
+    ``srun`` is missing, but a laptop previewing a script before logging in has no Slurm. It never
+    submits: its script text is submitit's own, from the same parameters."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+    def _submit_command(self, command: str):  # pragma: no cover - a preview never submits
+        raise RuntimeError("a dry-run preview cannot submit")
+
+
+def make_executor(plan: LaunchPlan, folder: str, preview: bool = False) -> submitit.Executor:
+    """folder: submitit's log folder. Tasks and GPUs come from the plan's layout."""
+    cfg, layout = plan.cfg, plan.layout
+    gpus_per_node = layout.gpus_per_node if plan.requests_gpus else 0
+    if plan.cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        params = {
+            "tasks_per_node": layout.processes_per_node,
+            "timeout_min": cfg.time,
+            "signal_delay_s": signal_lead_s(cfg.time),
+        }
+        if gpus_per_node:
+            params["gpus_per_node"] = gpus_per_node
+        ex.update_parameters(**params)
+        return ex
+    ex = (SlurmScriptPreview if preview else submitit.SlurmExecutor)(folder=folder)
+    srun_args = [f"--kill-on-bad-exit={int(cfg.kill_on_bad_exit)}"]
+    params = {
+        "nodes": layout.nodes,
+        "ntasks_per_node": layout.processes_per_node,
+        "time": cfg.time,
+        "job_name": f"mps-{cfg.strategy}",
+        "signal_delay_s": signal_lead_s(cfg.time),
+        "srun_args": srun_args,
+    }
+    optional = {
+        "gpus_per_node": gpus_per_node or None,
+        "partition": cfg.partition,
+        "account": cfg.account,
+        "qos": cfg.qos,
+        "constraint": cfg.constraint,
+        "cpus_per_task": cfg.cpus_per_task,
+        "mem": cfg.mem,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    extra = dict(opt.split("=", 1) for opt in cfg.slurm_opts)
+    if extra:
+        params["additional_parameters"] = {k.strip().replace("-", "_"): _value(v.strip()) for k, v in extra.items()}
+    if cfg.container:
+        wrap_container(ex, cfg, plan.run_dir, srun_args)
+    ex.update_parameters(**params)
+    return ex
+
+
+def _value(v: str):
+    return True if v.lower() == "true" else v
+
+
+def container_binds(cfg: RunConfig, run_folder: str) -> list[str]:
+    """Paths a task needs inside the image, at the same paths: the run folder, the data, this repo."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [os.path.abspath(run_folder), os.path.abspath(cfg.data_dir), repo]
+    return list(dict.fromkeys(paths))
+
+
+def wrap_container(ex: submitit.SlurmExecutor, cfg: RunConfig, run_folder: str, srun_args: list[str]) -> None:
+    """Run each task's python in the image: Apptainer (a .sif) or pyxis/enroot (pyxis:IMAGE)."""
+    binds = container_binds(cfg, run_folder)
+    if cfg.container.startswith("pyxis:"):
+        srun_args += [
+            f"--container-image={cfg.container[len('pyxis:') :]}",
+            "--container-mounts=" + ",".join(f"{p}:{p}" for p in binds),
+        ]
+        ex.python = "python3"
+    else:
+        ex.python = (
+            f"apptainer exec --nv --bind {shlex.quote(','.join(binds))} "
+            f"{shlex.quote(os.path.abspath(cfg.container))} python3"
+        )
+
+
+def describe(ex: submitit.Executor, plan: LaunchPlan) -> str:
+    """What --dry-run prints: the sbatch script for Slurm, the process plan for local runs."""
+    if plan.cluster == "slurm":  # SlurmExecutor renders its script from the parameters
+        return ex._make_submission_file_text(ex._submitit_command_str, "<uid>")
+    return (
+        f"local executor (submitit): {plan.layout.processes_per_node} process(es) on this host, "
+        f"gpus_per_node={ex.parameters.get('gpus_per_node', 0)}, time limit {plan.cfg.time} min, "
+        f"folder {ex.folder}\n"
+        f"each process runs: {ex._submitit_command_str}"
+    )
+
+
+def preview(plan: LaunchPlan, log_dir: str) -> str:
+    """--dry-run's text for a job whose logs would go to ``log_dir``, creating nothing: submitit's
+    executors make their folder, so the plan is rendered in a scratch one and the name put back."""
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="mps-dry-run-")
+    try:
+        text = describe(make_executor(plan, scratch, preview=True), plan).replace(scratch, log_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return f"dry run: would submit to {plan.cluster}; run folder {plan.run_dir}\n{text}"

@@ -1,0 +1,1 @@
+"""Preparing a run: checks above the configuration, the styles by name, the launch plan."""

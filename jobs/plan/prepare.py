@@ -1,0 +1,186 @@
+"""Preparing a run returns ONE value: the launch plan (configuration, layout, cluster, device, folder).
+
+The executor and the task receive the plan; nothing is written back into the configuration and
+nothing travels through a side channel. Everything that depends on the submitting host (does
+Slurm answer, how many GPUs are here, can the data be fetched) is decided here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+from dataclasses import dataclass
+
+from core.config import ConfigError, RunConfig, existing_parent
+from core.models import build_model
+from core.models.base import to_block_names
+from core.parallel.layout import Layout
+from jobs.plan.cluster import resolve_cluster
+from jobs.plan.strategies import validate_run
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    cfg: RunConfig
+    layout: Layout
+    cluster: str
+    """slurm or local (auto is resolved)."""
+    device: str
+    """cuda or cpu; under Slurm with --device auto it stays auto: the compute node decides (a login
+    node often has no GPU while the compute nodes do), and GPUs are requested for it."""
+    run_dir: str
+    data_source: str | None = None
+    """Which MNIST the run trains on (None for synthetic data), decided on the submitting host."""
+
+    @property
+    def requests_gpus(self) -> bool:
+        return self.device != "cpu"
+
+
+def resolve_device(cfg: RunConfig, cluster: str, cuda_count: int) -> str:
+    if cfg.device == "cuda" and cluster == "local" and cuda_count == 0:
+        raise ConfigError("--device cuda asked, but this host sees no CUDA GPU: use --device cpu (or auto)")
+    if cfg.device != "auto":
+        return cfg.device
+    if cluster == "slurm":
+        return "auto"
+    return "cuda" if cuda_count > 0 else "cpu"
+
+
+def check_host(plan: LaunchPlan, cuda_count: int) -> None:
+    """What the chosen cluster can hold: one clear line, before anything starts."""
+    cfg, layout = plan.cfg, plan.layout
+    if plan.cluster == "local":
+        if plan.device == "cuda" and layout.gpus_per_node > cuda_count:
+            raise ConfigError(
+                f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus or submit to Slurm"
+            )
+        if cfg.nodes > 1:
+            raise ConfigError(
+                f"--nodes {cfg.nodes} needs Slurm; the local executor runs on this one host: use --nodes 1"
+            )
+        if cfg.container is not None:
+            raise ConfigError(
+                "--container runs tasks under Slurm (apptainer or pyxis): add --cluster slurm, or drop --container"
+            )
+    container = cfg.container
+    if container is not None and not container.startswith("pyxis:") and not os.path.isfile(container):
+        raise ConfigError(
+            f"--container {container} is not a file: give the .sif path (on a shared filesystem) or pyxis:IMAGE"
+        )
+
+
+def run_folder(cfg: RunConfig, resuming: bool = False) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    from jobs.launch.run_folder import RUN_FILES
+
+    folder = os.path.abspath(cfg.out or os.path.join("runs", f"{cfg.strategy}-{stamp}"))
+    if os.path.isfile(folder):
+        raise ConfigError(f"--out {folder} is a file: give a folder")
+    # a resumed run continues its own folder (jobs.cli.resume checked it); any other run needs a new
+    # one (jobs.launch.run_folder claims it atomically at submission; this is the early, clear refusal)
+    if not resuming and any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES):
+        raise ConfigError(
+            f"--out {folder} already holds a run: continue it with --resume {folder}, or choose another "
+            "folder (nothing is overwritten)"
+        )
+    parent = existing_parent(folder)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {folder}: {parent} is not writable; choose a folder you can write to")
+    return folder
+
+
+def fetch_data(cfg: RunConfig) -> str | None:
+    """MNIST is fetched here, on the submitting host: a compute node never downloads. A batch
+    larger than the training split is refused here, before any rank starts."""
+    if cfg.resolved_dataset != "mnist":
+        return None
+    from core.data import download_mnist, load_mnist
+
+    why = download_mnist(cfg.data_dir) if os.access(existing_parent(cfg.data_dir), os.W_OK) else "read-only"
+    if why:
+        print(f"note: MNIST could not be downloaded into {cfg.data_dir} ({why})", flush=True)
+    data = load_mnist(cfg.data_dir)
+    per_step = cfg.resolved_batch_size * cfg.grad_accum
+    if per_step > len(data.train):
+        raise ConfigError(
+            f"--batch-size {cfg.resolved_batch_size} x --grad-accum {cfg.grad_accum} is more than the "
+            f"{len(data.train):,} training digits ({data.description}): lower --batch-size"
+        )
+    print(f"data: {data.description}", flush=True)
+    return data.description
+
+
+def note_oversubscription(plan: LaunchPlan) -> None:
+    """More CPU processes than cores on this host: allowed (it is how a laptop tries an 8-way
+    layout), but said, because every rank then waits for a core and timings mean little."""
+    if plan.cluster == "local" and plan.device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if plan.layout.processes > cores:
+            print(
+                f"note: {plan.layout.processes} processes on {cores} CPU core(s): oversubscribed, so it runs "
+                "slowly and its timings are not meaningful; fine for checking a layout",
+                flush=True,
+            )
+
+
+def check_init_from(cfg: RunConfig) -> None:
+    """--init-from must hold exactly the model's parameter names and shapes (in the block model's
+    names or, for an export, the uncut model's): name the first mismatch. Buffers may be missing
+    (exports of older versions held parameters only): they then keep their initial values."""
+    import torch
+
+    path = cfg.init_from
+    if not os.path.isfile(path):
+        raise ConfigError(f"--init-from {path} is not a file: give a state dict written by --export or torch.save")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or not a plain state dict
+        raise ConfigError(f"--init-from {path} is not a plain state dict ({type(e).__name__}): use --export") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--init-from {path} holds a {type(saved).__name__}, not a state dict: use --export")
+    with torch.device("meta"):  # names and shapes only: no memory for the weights
+        model = build_model(cfg.model, cfg.flavor)
+    saved = to_block_names(model, saved)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    buffers = {n for n, _ in model.named_buffers()}
+    for name, shape in expected.items():
+        if name not in saved:
+            if name in buffers:
+                continue
+            raise ConfigError(f"--init-from {path} has no {name!r} (the {cfg.model} {cfg.flavor} model needs it)")
+        if tuple(saved[name].shape) != shape:
+            raise ConfigError(
+                f"--init-from {path}: {name!r} has shape {tuple(saved[name].shape)}, the model needs {shape}"
+            )
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise ConfigError(f"--init-from {path} holds {extra[0]!r}, which the {cfg.model} {cfg.flavor} model has not")
+    missing = sorted(set(expected) - set(saved))
+    if missing:
+        print(f"note: --init-from {path} has no buffers ({missing[0]}, ...): they start at their initial values")
+
+
+def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> LaunchPlan:
+    """Validate, derive the layout, pick cluster and device, fetch data: the plan, or ConfigError/DataError.
+
+    A dry run needs neither data nor Slurm's commands: it only renders what would be submitted."""
+    import torch
+
+    layout = validate_run(cfg)
+    cluster = resolve_cluster(cfg)
+    cuda_count = torch.cuda.device_count()
+    if cfg.init_from:
+        check_init_from(cfg)
+    plan = LaunchPlan(cfg, layout, cluster, resolve_device(cfg, cluster, cuda_count), run_folder(cfg, resuming))
+    check_host(plan, cuda_count)
+    note_oversubscription(plan)
+    if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "--cluster slurm, but sbatch is not on PATH: submit from a Slurm login node, or preview with --dry-run"
+        )
+    if not dry_run:
+        plan = dataclasses.replace(plan, data_source=fetch_data(cfg))
+    return plan
