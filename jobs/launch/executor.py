@@ -94,7 +94,8 @@ def _value(v: str):
 
 def container_binds(cfg: RunConfig, run_folder: str) -> list[str]:
     """Paths a task needs inside the image, at the same paths: the run folder, the data, this repo."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # this file is jobs/launch/executor.py: three levels up is the repository
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [os.path.abspath(run_folder), os.path.abspath(cfg.data_dir), repo]
     return list(dict.fromkeys(paths))
 
