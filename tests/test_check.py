@@ -58,3 +58,29 @@ def test_the_quick_start_command_as_written_passes_its_check(tmp_path):
     assert check["passed"] and check["steps_compared"] == r["steps"] >= 31, check
     assert check["max_grad_rel_diff"] <= check["tolerance"], check
     assert check["max_param_rel_diff"] <= check["param_tolerance"], check
+    # the quick start shows learning: the notebook's network, momentum 0.9, lr 0.03, two epochs
+    assert r["eval_accuracy"] >= 0.90, r["eval_accuracy"]
+    assert_run_is_watchable(result.parent, r, p.stdout)
+
+
+def assert_run_is_watchable(folder: Path, r: dict, stdout: str) -> None:
+    """Progress lines with the time left; TensorBoard event files read back by tensorboard's own
+    reader; curves.png a PNG drawn from this run's steps."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert re.search(r"step \d+/\d+ .* ms/step  \d+(s|m\d\ds) left", stdout), stdout[-2000:]
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    world = r["world_size"]
+    want = {"train/loss", "train/samples_per_s", "train/step_time_s", "eval/accuracy", "pipeline/bubble_measured"}
+    want |= {f"memory/peak_bytes_rank{rank}" for rank in range(world)}
+    assert want <= tags, tags
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, r["steps"] + 1))
+    assert losses == [float(torch.tensor(v, dtype=torch.float32)) for v in r["losses"]]
+    assert events.Scalars("eval/accuracy")[-1].value == float(torch.tensor(r["eval_accuracy"], dtype=torch.float32))
+    png = Image.open(folder / "curves.png")
+    assert png.format == "PNG" and png.size[0] > 400
+    assert png.info["Description"] == f"{r['steps']} steps, losses {r['losses'][0]:.4f} to {r['losses'][-1]:.4f}"

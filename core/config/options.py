@@ -73,7 +73,9 @@ class RunConfig:
         None, "training data: mnist, synthetic, fakedata or package.module:factory (default: the model's own)"
     )
     data_dir: str = option("./data", "MNIST folder: downloaded there on the submitting host, read from there")
-    epochs: int | None = option(None, "passes over the training set (default 1; exclusive with --steps)")
+    epochs: int | None = option(
+        None, "passes over the training set (default: the model's, mnist-cnn 2, others 1; exclusive with --steps)"
+    )
     steps: int | None = option(None, "optimizer steps instead of epochs")
     batch_size: int | None = option(
         None, "GLOBAL batch, cut into --dp shards (default: the model's; mnist-cnn 128, gpt 8, delay 16)"
@@ -165,6 +167,10 @@ class RunConfig:
     @property
     def resolved_batch_size(self) -> int:
         return self.batch_size or self._model().default_batch_size
+
+    @property
+    def resolved_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else self._model().default_epochs
 
     @property
     def resolved_lr(self) -> float:

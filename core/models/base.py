@@ -29,6 +29,8 @@ class BlockModel(nn.Module):
 
     default_batch_size: ClassVar[int] = 16
     default_lr: ClassVar[float] = 1e-3
+    default_epochs: ClassVar[int] = 1
+    """Passes over the training set when neither --epochs nor --steps is given."""
     default_dataset: ClassVar[str] = "synthetic"
     datasets: ClassVar[tuple[str, ...]] = ("synthetic",)
     """Built-in datasets this model trains on (a dataset given by import path is always accepted)."""

@@ -25,6 +25,8 @@ from core.models.randomness import switch_off_randomness
 from core.parallel.balance import plan_for_run
 from core.parallel.data_parallel import dp_bytes_per_step, mean_over_dp, sync_buffers
 from core.parallel.distributed import DistState, all_gather_floats
+from core.report.curves import Scalars, save_curves_png
+from core.report.live import LiveReport
 from core.training import faults, progress
 from core.training.checkpoint import Checkpointer
 from core.training.stop import StopRequest
@@ -87,7 +89,7 @@ def total_steps(cfg: RunConfig, train: Split) -> int:
             f"--batch-size {cfg.resolved_batch_size} x --grad-accum {cfg.grad_accum} is more than "
             f"the {len(train)} training samples"
         )
-    return cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch
+    return cfg.steps if cfg.steps is not None else cfg.resolved_epochs * per_epoch
 
 
 def load_initial_weights(model: BlockModel, path: str) -> None:
@@ -177,6 +179,9 @@ def run(
     # steady-state throughput leaves out the first steps (allocator warm-up, compilation, shape inference)
     warm = 4 if n_steps > 8 else 0  # after the recorded timeline steps (core.report.timeline)
     t_warm = clock.t0
+    scalars = Scalars(out_dir, state.is_main)
+    tokens = train.x.shape[1] if train.x.dim() == 2 and not train.x.is_floating_point() else None  # token ids
+    live = LiveReport(lambda msg: log(state, msg), scalars, n_steps, step, bs * cfg.grad_accum, tokens, cfg.log_every)
     micro, batch_losses, replica_batch = 0, [], None
     while step < n_steps:
         for index, (x, y) in enumerate(batches(train, bs, cfg.seed, epoch)):
@@ -217,12 +222,7 @@ def run(
             step += 1
             if step == warm:
                 t_warm = clock.now()
-            if step % cfg.log_every == 0 or step == n_steps or step == 1:
-                log(
-                    state,
-                    f"step {step}/{n_steps}  epoch {epoch + 1}  loss {loss.item():.4f}  "
-                    f"{step * bs * cfg.grad_accum / clock.elapsed():.1f} samples/s",
-                )
+            live.step_done(step, epoch, loss)
             faults.maybe_fail(state.rank, step)  # tests only (core/training/faults.py)
             # every N steps, and the last step so a finished run can be continued; and on SIGUSR2
             periodic = ckpt and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step >= n_steps)
@@ -291,8 +291,10 @@ def run(
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         built.save_artifacts(out_dir)
+        scalars.finish(result)
         if state.is_main:
             metrics.write_json_atomic(os.path.join(out_dir, "result.json"), result)
+            save_curves_png(result, os.path.join(out_dir, "curves.png"))
     return result
 
 

@@ -20,6 +20,7 @@ import sys
 
 from core.check.metrics import read_result, write_json_atomic
 from core.config import ConfigError, RunConfig
+from core.report.curves import save_overlaid_losses
 from core.report.render import save_stacked_timelines, table
 from jobs.plan.strategies import validate_run
 from pp.schedules import SCHEDULES
@@ -106,7 +107,7 @@ def compare(base: RunConfig, run_one) -> int:
     variants += [(s, dataclasses.replace(base, strategy="pp", schedule=s)) for s in SCHEDULES]
     # the other balance is worth a run only when nothing fixed the cut and time chose another one
     twin_params = base.balance is None and base.split is None
-    rows, panels, code, mp_step = [], [], 0, None
+    rows, panels, curves, code, mp_step = [], [], [], 0, None
     while variants:
         name, cfg = variants.pop(0)
         cfg = dataclasses.replace(cfg, out=os.path.join(folder, name.replace(" ", "-")))
@@ -120,6 +121,7 @@ def compare(base: RunConfig, run_one) -> int:
         if name == "mp":
             mp_step = r.get("timeline_step_time_s")
         rows.append(_row(name, r, mp_step))
+        curves.append((name, r["losses"]))
         bal = r.get("balance") or {}
         if twin_params and bal.get("balance") == "time" and bal.get("split") != bal.get("params_split"):
             variants.insert(0, (f"{name} params", dataclasses.replace(cfg, balance="params")))
@@ -134,9 +136,11 @@ def compare(base: RunConfig, run_one) -> int:
     print(f"\n{base.model} {base.flavor} on {base.gpus} devices, global batch {base.resolved_batch_size}\n{text}")
     if panels:
         save_stacked_timelines(panels, os.path.join(folder, "compare.png"))
+    if curves:
+        save_overlaid_losses(curves, os.path.join(folder, "compare-losses.png"))
     write_json_atomic(
         os.path.join(folder, "compare.json"),
         {"model": base.model, "flavor": base.flavor, "gpus": base.gpus, "rows": rows},
     )
-    print(f"\ncomparison in {folder}/compare.json and compare.png")
+    print(f"\ncomparison in {folder}/compare.json, compare.png (timelines) and compare-losses.png (loss curves)")
     return code
