@@ -10,8 +10,8 @@ import pytest
 from core.config import RunConfig
 from jobs.cli.parser import parse
 from jobs.cli.plan_command import make_plan
-from jobs.submit import main
 from jobs.plan.strategies import validate_run
+from jobs.submit import main
 
 KIB = 1024
 # delay uneven-wide declares its size: 4096 fp32 weights per block (16 KiB) and, per sample, a
