@@ -30,6 +30,7 @@ from jobs.cli.attach import attach
 from jobs.cli.common import fail
 from jobs.cli.compare import compare
 from jobs.cli.parser import parse
+from jobs.cli.plan_command import plan_command
 from jobs.cli.pytest_job import PytestTask
 from jobs.cli.resume import export, resume_config
 from jobs.launch import hang_report, run_folder
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, actions, given = parse(argv)
     if actions.compare:
         return compare(cfg, run_one)
+    if actions.plan or actions.auto:
+        return plan_command(cfg, actions, given, run_one)
     if actions.pytest:
         return run_pytest_job(cfg, actions.pytest, actions.dry_run)
     if actions.validate:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from core.errors import ConfigError
@@ -41,6 +42,14 @@ def parse_split(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--split takes blocks per stage like 2,1,3 (got {text!r})") from None
 
 
+def parse_bytes(text: str) -> float:
+    """A memory size: 512M, 80G, 1.5GiB or plain bytes (binary multiples)."""
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([kKmMgGtT]?)(?:i?[bB])?", text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"--device-memory takes a size like 512M or 80G (got {text!r})")
+    return float(m.group(1)) * 1024 ** ("kmgt".find(m.group(2).lower()) + 1 if m.group(2) else 0)
+
+
 @dataclass
 class RunConfig:
     strategy: str = option(
@@ -67,7 +76,8 @@ class RunConfig:
         "torchvision:NAME (e.g. torchvision:resnet18, cut into blocks) or package.module:factory (your own)",
     )
     flavor: str = option(
-        "tiny", "model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small/uneven (mnist-cnn has one)"
+        "tiny",
+        "model size: gpt tiny/small/124m/356m/1.3b/2.7b, delay tiny/small/uneven/uneven-wide (mnist-cnn has one)",
     )
     dataset: str | None = option(
         None, "training data: mnist, synthetic, fakedata or package.module:factory (default: the model's own)"

@@ -47,13 +47,19 @@ class DelayFlavor:
         return self.ms_per_sample * self.cost(block) * samples + self.call_overhead_ms
 
 
+UNEVEN = (0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.5)
+
 DELAY_FLAVORS = {
     "tiny": DelayFlavor(blocks=8, ms_per_sample=1.0),
     "small": DelayFlavor(blocks=8, ms_per_sample=5.0),
     # a light first block and a heavy last one, like gpt's embedding lookup and its 50k-wide head
     # with the loss: parameters are equal, so balancing by parameters puts 2 blocks on each of 4
     # stages (slowest stage 3.5) while balancing by time finds 3,2,2,1 (slowest 2.5)
-    "uneven": DelayFlavor(blocks=8, ms_per_sample=1.0, costs=(0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.5)),
+    "uneven": DelayFlavor(blocks=8, ms_per_sample=1.0, costs=UNEVEN),
+    # uneven with a declared size: 16 KiB of weights per block and 16 KiB of activations per sample
+    # per block, so layouts differ in memory as they do in time (what --plan ranks), and waits long
+    # enough that a loaded CPU's wake-up latency stays small beside them
+    "uneven-wide": DelayFlavor(blocks=8, ms_per_sample=2.0, costs=UNEVEN, width=4096),
 }
 
 _cycles_per_ms: float | None = None

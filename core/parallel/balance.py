@@ -25,6 +25,7 @@ from core.models import describe
 from core.models.base import BlockModel
 from core.parallel.block_profile import BlockCost, profile_blocks
 from core.parallel.distributed import DistState
+from core.parallel.layout import Layout
 from core.parallel.partition import balanced_split, time_split
 from core.parallel.pipeline_schedules import SCHEDULES
 
@@ -115,11 +116,16 @@ def resolved_balance(cfg: RunConfig) -> str | None:
 def pipeline_microbatches(cfg: RunConfig, state: DistState) -> int:
     """Micro-batches per replica's batch, as pp.pipeline.resolved_microbatches counts them (core
     may not import pp: tests/test_balance.py checks the two agree); mp runs its batch as one."""
+    return layout_microbatches(cfg, state.layout)
+
+
+def layout_microbatches(cfg: RunConfig, layout: Layout) -> int:
+    """``pipeline_microbatches`` from the layout alone: what a planner predicts before any rank exists."""
     if cfg.strategy != "pp":
         return 1
     if cfg.microbatches:
         return cfg.microbatches
-    b, p = state.layout.local_batch(cfg.resolved_batch_size), state.layout.pp
+    b, p = layout.local_batch(cfg.resolved_batch_size), layout.pp
     lo = p if SCHEDULES[cfg.schedule].min_microbatches == "p" else 1
     divisors = [d for d in range(lo, b + 1) if b % d == 0] or [lo]
     return next((d for d in divisors if d >= 2 * p), divisors[-1])  # the smallest >= 2p: a small bubble
@@ -128,7 +134,12 @@ def pipeline_microbatches(cfg: RunConfig, state: DistState) -> int:
 def stage_owners(cfg: RunConfig, state: DistState) -> list[int]:
     """The pipeline rank (mp: device) holding each stage, from the schedule table's placement, as
     pp.schedules.stage_owner places them (checked against it in tests/test_balance.py)."""
-    n, p = state.layout.stages, state.layout.pp
+    return layout_stage_owners(cfg, state.layout)
+
+
+def layout_stage_owners(cfg: RunConfig, layout: Layout) -> list[int]:
+    """``stage_owners`` from the layout alone."""
+    n, p = layout.stages, layout.pp
     if cfg.strategy != "pp":
         return list(range(n))
     if SCHEDULES[cfg.schedule].placement == "v":  # r holds r and 2p-1-r
@@ -144,14 +155,14 @@ def _capacity(device: torch.device, stages_per_rank: int) -> float | None:
     return torch.cuda.get_device_properties(device).total_memory * MEMORY_HEADROOM / stages_per_rank
 
 
-def _stage_bytes(cfg: RunConfig, state: DistState, blocks: list[BlockCost], m: int):
+def stage_bytes_fn(cfg: RunConfig, layout: Layout, blocks: list[BlockCost], m: int):
     """Memory a stage needs: weights, gradients and optimizer state (AdamW: 2 more copies, SGD
     none; the model says, BlockModel.optimizer_state_copies), plus its activations times the
     micro-batches it holds at once: GPipe all m, 1F1B-like schedules the stages after it (the first
     stage holds p, the last 1). Under tp a block's share is 1/tp. An estimate: enough to refuse a
     split that cannot fit, not to promise one that does."""
     states = 2 + describe(cfg.model, cfg.flavor).optimizer_state_copies()  # weights, gradients, optimizer
-    n, tp = state.layout.stages, state.layout.tp
+    n, tp = layout.stages, layout.tp
 
     def stage_bytes(stage: int, i: int, j: int) -> float:
         if cfg.strategy == "mp":
@@ -179,7 +190,9 @@ def plan_for_run(model: BlockModel, cfg: RunConfig, state: DistState, train_x, t
         split = list(cfg.split) if balance == "split" else params_split
         try:
             if balance == "time":
-                split = time_split([b.time_s for b in blocks], n, _stage_bytes(cfg, state, blocks, m), capacity)
+                split = time_split(
+                    [b.time_s for b in blocks], n, stage_bytes_fn(cfg, state.layout, blocks, m), capacity
+                )
             plan = SplitPlan(
                 balance, split, params_split, m, rows, str(state.device), blocks, stage_owners(cfg, state), capacity
             )

@@ -52,7 +52,9 @@ class _SavedBytes:
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if t.data_ptr() not in self.params and key not in self.seen:
             self.seen.add(key)
-            self.bytes += key[1]
+            # a slice of a larger tensor (the first block's input, a view of the whole data set)
+            # keeps its storage alive, but only its own rows are the micro-batch's cost
+            self.bytes += min(key[1], t.numel() * t.element_size())
         return t
 
 

@@ -71,3 +71,24 @@ def table(rows: list[dict], columns: list[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def save_predicted_vs_measured(points: list[tuple[str, float, float]], path: str, title: str) -> None:
+    """(name, predicted s, measured s) per candidate: a scatter against the diagonal, +-20% shaded,
+    so a reader sees at once which predictions held."""
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    top = 1.15 * max(max(p, m) for _, p, m in points) * 1000
+    ax.plot([0, top], [0, top], color="gray", lw=1, label="predicted = measured")
+    ax.fill_between([0, top], [0, 0.8 * top], [0, 1.2 * top], color="gray", alpha=0.15, label="within 20%")
+    for i, (name, pred, meas) in enumerate(points):
+        ax.scatter(meas * 1000, pred * 1000, s=30, zorder=3, color="#E15759" if i == 0 else "#4C9BE8")
+        ax.annotate(name, (meas * 1000, pred * 1000), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("measured step time (ms)")
+    ax.set_ylabel("predicted step time (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from core.config import RunConfig, flag_of, option
+from core.config.options import parse_bytes
 
 
 @dataclass
@@ -40,6 +41,32 @@ class SubmitActions:
     )
     force: bool = option(False, "--export: replace FILE if it exists")
     compare: bool = option(False, "run mp and every pp schedule on the same model; one table, one PNG")
+    plan: bool = option(
+        False,
+        "rank every layout this model can run on --gpus: predicted step time, samples/s, peak memory per "
+        "device, fit and traffic per axis; best ten printed, plan.json in the run folder (jobs/plan/layouts.py)",
+    )
+    trials: int = option(
+        0,
+        "--plan/--auto: run the K best predicted layouts for a few steps each (--steps, default 10), add the "
+        "measured step time and the prediction error, rank by measurement",
+        metavar="K",
+    )
+    auto: bool = option(
+        False, "plan (with --trials if given), then run the winner with the other flags; result.json names the plan"
+    )
+    device_memory: float | None = option(
+        None,
+        "--plan: bytes each device may use, e.g. 512M or 80G (default: 90%% of the GPU's; on CPU no limit)",
+        parse=parse_bytes,
+        metavar="SIZE",
+    )
+    link_rates: str | None = option(
+        None,
+        "--plan: link bandwidth and latency from a --validate run's validate.json (default: assumed per device "
+        "kind, and plan.json says so)",
+        metavar="FILE",
+    )
     pytest: str | None = option(
         None,
         "submit 'pytest -m MARKER' as the job (e.g. gpu) to check a node; other training flags ignored",
