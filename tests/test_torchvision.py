@@ -213,7 +213,7 @@ MP_CHECKED = [
 
 @pytest.mark.parametrize("arch", MP_CHECKED)
 def test_family_mp_2_passes_check(arch):
-    from core.train import run
+    from core.training.train import run
     from mp import build
 
     c = cfg(
