@@ -34,6 +34,8 @@ class DistState:
     backend: str | None = None
     mesh: object | None = None
     """DeviceMesh with dimensions ("dp", "pp", "tp") when the layout has more than one process."""
+    timeout_s: float = 300.0
+    """The collectives' timeout: groups made later (the checkpoint writer's) keep it."""
 
     @property
     def world_size(self) -> int:
@@ -111,7 +113,7 @@ def init_distributed(layout: Layout, device_kind: str = "auto", timeout_s: float
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs)
-    return DistState(layout, rank, local_rank, device, backend, layout.build_mesh(device.type))
+    return DistState(layout, rank, local_rank, device, backend, layout.build_mesh(device.type), timeout_s)
 
 
 def rendezvous_address(host: str) -> str:

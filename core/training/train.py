@@ -154,10 +154,10 @@ def run(
     losses: list[torch.Tensor] = []
     prior_losses: list[float] = []
     step, epoch, skip = 0, 0, 0
-    ckpt = Checkpointer(out_dir, state, keep=cfg.keep_checkpoints) if out_dir else None
-    # on GPU a periodic save writes in the background (DCP async_save: needs the CPU backend that
-    # core.parallel.distributed starts beside NCCL); on CPU the copy would cost what the write costs
-    background_saves = state.device.type == "cuda" and torch.distributed.is_initialized()
+    ckpt = Checkpointer(out_dir, state, keep=cfg.keep_checkpoints, log=lambda m: log(state, m)) if out_dir else None
+    # on GPU a periodic save writes in the background (a writer thread; its collectives go through
+    # a gloo group of its own); on CPU the copy would cost what the write costs
+    background_saves = state.device.type == "cuda"
     if ckpt and ckpt.exists():
         position, prior_losses, meta = ckpt.load(built.params, opt, built.buffers)
         if checker:  # the reference continues from the restored weights, buffers and AdamW state, all of them
@@ -169,7 +169,11 @@ def run(
             if saved == state.layout.to_dict()
             else f", saved under {saved['strategy']} dp {saved['dp']} pp {saved['pp']} tp {saved['tp']}"
         )
-        log(state, f"resumed from {ckpt.dir} at step {step} (epoch {epoch + 1}, batch {skip}{was})")
+        log(
+            state,
+            f"resumed from {ckpt.dir} at step {step} (epoch {epoch + 1}, batch {skip}{was}); "
+            f"loading took {ckpt.load_s:.2f} s",
+        )
     tracker = progress.current()  # what this rank is doing, for a hang report (core/training/progress.py)
     # ranks agree on a stop with one all-reduce: every step alone, every 10 steps in a group
     stop_every = 1 if state.world_size == 1 else 10
@@ -288,6 +292,8 @@ def run(
     result["communication_per_axis"] = communication_per_axis(result, built, state)
     if checker:
         result["check"] = checker.summary.to_dict()
+    if ckpt and (ckpt.load_s is not None or cfg.checkpoint_every):
+        result["checkpoints"] = ckpt.summary()  # what --checkpoint-every cost this run
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         built.save_artifacts(out_dir)
