@@ -264,6 +264,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
     ap.add_argument("--submit", action="store_true", help="through python jobs/submit.py (slow)")
     ap.add_argument("--budget", type=float, help="seconds for the whole sweep: models not started by then are listed")
+    ap.add_argument("--skip-done", action="store_true", help="keep the rows of models that already have a result")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the child: one model, JSON on stdout's last line
     args = ap.parse_args()
     if args.one:
@@ -279,7 +280,7 @@ def main() -> None:
         names = [n for n in names if re.search(args.only, n)]
     path = os.path.join(DOCS, "torchvision-zoo.json")
     rows, meta = {}, {}
-    if os.path.exists(path) and args.only:
+    if os.path.exists(path) and (args.only or args.skip_done):
         with open(path) as f:
             old = json.load(f)
         rows, meta = old["models"], old["meta"]
@@ -295,7 +296,14 @@ def main() -> None:
         except ConfigError:
             return 0
 
-    names.sort(key=size)
+    # and the smallest of each family (resnet, vgg, vit, ...) before all others: the table covers
+    # the families first
+    family = {n: re.match(r"[a-z]+", n).group() for n in names}
+    sizes = {n: size(n) for n in names}
+    smallest = {f: min((n for n in names if family[n] == f), key=sizes.get) for f in set(family.values())}
+    names.sort(key=lambda n: (smallest[family[n]] != n, sizes[n]))
+    if args.skip_done:
+        names = [n for n in names if n not in rows or "timeout" in rows[n] or "error" in rows[n]]
     t_all = time.time()
     for name in names:
         t = time.time()
