@@ -74,9 +74,10 @@ def _pp_rank(model: str, rank: int, port: int, out) -> None:
     import torch
 
     torch.set_num_threads(1)  # two ranks on two cores
-    from core import distributed, train
-    from core.layout import Layout
-    from jobs.strategies import get_build
+    from core.parallel import distributed
+    from core.parallel.layout import Layout
+    from core.training import train
+    from jobs.plan.strategies import get_build
 
     c = _config(model, "pp")
     try:
@@ -97,7 +98,7 @@ def _one_line(e: BaseException) -> str:
 def _pp(model: str) -> dict:
     import multiprocessing as mp
 
-    from jobs.executor import free_port
+    from jobs.launch.executor import free_port
 
     # fork, not spawn: the child has imported torch and computed nothing yet (pp runs first), so the
     # ranks start in a moment instead of importing everything again (~10 s a model on a busy host)
@@ -125,7 +126,7 @@ def one(name: str) -> dict:
 
     from core.config import ConfigError
     from core.models import describe
-    from jobs.strategies import validate_run
+    from jobs.plan.strategies import validate_run
 
     torch.set_num_threads(2)
     model = f"torchvision:{name}"
@@ -142,7 +143,7 @@ def one(name: str) -> dict:
     row["params"] = sum(p.numel() for p in m.parameters())
     row["uncut_names"] = len(m.uncut_names()) == len(m.state_dict())
     row["build_s"] = round(time.time() - t0, 1)
-    from core.train import run
+    from core.training.train import run
     from mp import build as mp_build
 
     for strategy in ("pp", "mp"):  # pp first: its ranks fork from a process that has computed nothing
@@ -150,8 +151,8 @@ def one(name: str) -> dict:
         try:
             validate_run(_config(model, strategy))  # the submitting host's checks for this layout
             if strategy == "mp":
-                from core.distributed import DistState
-                from core.layout import Layout
+                from core.parallel.distributed import DistState
+                from core.parallel.layout import Layout
 
                 c = _config(model, "mp")
                 row["mp"] = _check(run(c, DistState(Layout.from_config(c), device=torch.device("cpu")), mp_build))
