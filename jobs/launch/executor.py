@@ -95,7 +95,7 @@ def _value(v: str):
 
 def container_binds(cfg: RunConfig, run_folder: str) -> list[str]:
     """Paths a task needs inside the image, at the same paths: the run folder, the data, this repo."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jobs/launch/ -> root
     paths = [os.path.abspath(run_folder), os.path.abspath(cfg.data_dir), repo]
     return list(dict.fromkeys(paths))
 

@@ -181,13 +181,13 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> La
     plan = LaunchPlan(cfg, layout, cluster, resolve_device(cfg, cluster, cuda_count), run_folder(cfg, resuming))
     check_host(plan, cuda_count)
     note_oversubscription(plan)
+    if not dry_run and cfg.container is not None and containers.parse(cfg.container).engine in containers.ENGINES:
+        # before Slurm, the data and the run folder: a mismatched image queues nothing
+        plan = dataclasses.replace(plan, container=containers.probe(containers.parse(cfg.container)))
     if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
         raise ConfigError(
             "--cluster slurm, but sbatch is not on PATH: submit from a Slurm login node, or preview with --dry-run"
         )
-    if not dry_run and cfg.container is not None and containers.parse(cfg.container).engine in containers.ENGINES:
-        # before the data and before the run folder: a mismatched image queues nothing
-        plan = dataclasses.replace(plan, container=containers.probe(containers.parse(cfg.container)))
     if not dry_run:
         plan = dataclasses.replace(plan, data_source=fetch_data(cfg))
     return plan
