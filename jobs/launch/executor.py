@@ -121,9 +121,14 @@ def engine_run_line(engine: str, image: str, binds: list[str], gpus: bool) -> st
         args += [f"--env={name}" for name in DOCKER_ENV]
     for path in binds:
         args += ["-v", f"{path}:{path}"]
-    if gpus:  # the node's GPUs through CDI (podman) or the NVIDIA container toolkit (docker)
-        args += ["--device", "nvidia.com/gpu=all"] if engine == "podman" else ["--gpus", "all"]
-    return " ".join(shlex.quote(a) for a in [*args, image, "python3"])
+    line = " ".join(shlex.quote(a) for a in args)
+    if gpus:
+        # the node's GPUs through CDI (podman) or the NVIDIA container toolkit (docker), decided on
+        # the node by the batch shell: a node without GPUs (or with Slurm's GRES but no driver) runs
+        # on the CPU instead of failing on an unresolvable device
+        flag = "--device nvidia.com/gpu=all" if engine == "podman" else "--gpus all"
+        line += f" $(test -e /dev/nvidia0 && echo {flag})"
+    return f"{line} {shlex.quote(image)} python3"
 
 
 def wrap_container(
