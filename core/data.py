@@ -17,9 +17,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,10 +68,25 @@ def _raw_dir(data_dir: str) -> str:
     return os.path.join(data_dir, "MNIST", "raw")
 
 
-def _read_idx_split(data_dir: str, prefix: str) -> Split | None:
-    """Read <prefix>-images/labels from raw IDX files (plain or .gz) with torchvision's readers."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
+def _read_idx(path: str) -> torch.Tensor:
+    """An IDX file (MNIST's format: two zero bytes, type 0x08 for unsigned bytes, the rank, the
+    sizes as big-endian int32, then the bytes), plain or .gz, as a uint8 tensor. Read here rather
+    than with torchvision's readers so that an image without torchvision (the CPU container) reads
+    MNIST as the host does."""
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        raise ValueError("not an unsigned-byte IDX file")
+    rank = data[3]
+    dims = struct.unpack(f">{rank}i", data[4 : 4 + 4 * rank])
+    body = data[4 + 4 * rank :]
+    if len(body) != int(np.prod(dims)):
+        raise ValueError(f"{len(body)} bytes of data for sizes {dims}")
+    return torch.from_numpy(np.frombuffer(body, dtype=np.uint8).reshape(dims).copy())
 
+
+def _read_idx_split(data_dir: str, prefix: str) -> Split | None:
+    """Read <prefix>-images/labels from raw IDX files (plain or .gz)."""
     raw = _raw_dir(data_dir)
     paths = {}
     for kind in ("images-idx3", "labels-idx1"):
@@ -83,22 +97,16 @@ def _read_idx_split(data_dir: str, prefix: str) -> Split | None:
             paths[kind] = plain + ".gz"
         else:
             return None
-    with tempfile.TemporaryDirectory() as tmp:  # the data folder may be read-only: unpack aside
-        read = {}
-        for kind, path in paths.items():
-            try:  # a truncated download: name the file, never a bare EOFError or a silent fallback
-                if path.endswith(".gz"):
-                    target = os.path.join(tmp, kind)
-                    with gzip.open(path, "rb") as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                    path = target
-                read[kind] = (read_image_file if kind.startswith("images") else read_label_file)(path)
-            except Exception as e:  # noqa: BLE001 - EOFError, gzip's BadGzipFile, a short read
-                raise DataError(
-                    f"{paths[kind]} is damaged ({type(e).__name__}): delete it and run again to download it "
-                    "anew, or point --data-dir at another copy"
-                ) from None
-        images, labels = read["images-idx3"], read["labels-idx1"]
+    read = {}
+    for kind, path in paths.items():
+        try:  # a truncated download: name the file, never a bare EOFError or a silent fallback
+            read[kind] = _read_idx(path)
+        except Exception as e:  # noqa: BLE001 - EOFError, gzip's BadGzipFile, a short read
+            raise DataError(
+                f"{path} is damaged ({type(e).__name__}): delete it and run again to download it "
+                "anew, or point --data-dir at another copy"
+            ) from None
+    images, labels = read["images-idx3"], read["labels-idx1"]
     if len(images) != len(labels):
         raise DataError(
             f"{raw}: {prefix} has {len(images)} images but {len(labels)} labels (a truncated file): delete "

@@ -1,4 +1,6 @@
-"""Containers and the generated sbatch script (no runtime can run here: checked as text)."""
+"""Container recipes and the generated sbatch lines, checked as text; the image probe's refusals
+against a stand-in engine (a script answering as podman would). tests/test_container_slurm.py runs
+real containers."""
 
 from __future__ import annotations
 
@@ -7,20 +9,49 @@ import re
 
 import pytest
 
+from jobs.plan.containers import TORCH_FLOOR, version_tuple
 from jobs.submit import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 
+def recipe(path: str) -> str:
+    return open(os.path.join(ROOT, "containers", path)).read()
+
+
 def base_tag(path: str) -> str:
-    text = open(os.path.join(ROOT, "containers", path)).read()
-    return re.search(r"^(?:FROM|From:)\s*(\S+)", text, re.M).group(1)
+    return re.search(r"^(?:FROM|From:)\s*(\S+)", recipe(path), re.M).group(1)
 
 
-def test_dockerfile_and_apptainer_definition_share_one_pinned_base():
+def torch_pin(path: str) -> str:
+    return re.search(r'"torch==([^"]+)"', recipe(path)).group(1)
+
+
+def pyproject_torch_floor() -> tuple[int, ...]:
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    return version_tuple(re.search(r'"torch>=([\d.]+)"', text).group(1))
+
+
+def test_gpu_recipes_share_one_base_and_one_torch_pin():
     assert base_tag("Dockerfile") == base_tag("mps.def")
-    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base_tag("Dockerfile"))
+    assert torch_pin("Dockerfile") == torch_pin("mps.def")
+
+
+@pytest.mark.parametrize("path", ["Dockerfile", "mps.def", "Containerfile.cpu"])
+def test_every_recipe_pins_a_torch_that_meets_pyprojects_floor(path):
+    """An image below the floor would build and then fail in the job (the project is installed
+    --no-deps, so pip never checks): the pin is compared here instead."""
+    assert version_tuple(torch_pin(path)) >= pyproject_torch_floor(), f"{path} pins torch {torch_pin(path)}"
+
+
+def test_the_probes_floor_is_pyprojects():
+    assert TORCH_FLOOR == pyproject_torch_floor()[: len(TORCH_FLOOR)]
+
+
+def test_versions_compare_as_numbers():
+    assert version_tuple("2.13.0+cpu") == (2, 13, 0) and version_tuple("2.8.0a0+5228986") == (2, 8, 0)
+    assert version_tuple("2.10.1") > version_tuple("2.9.1") and version_tuple("2.7.1") < TORCH_FLOOR
 
 
 def normalise(script: str, tmp: str) -> str:
@@ -31,11 +62,14 @@ def normalise(script: str, tmp: str) -> str:
     return re.sub(r"runs/[^\s/]+", "runs/<RUN>", script)
 
 
-@pytest.mark.parametrize("kind", ["sif", "pyxis"])
+CONTAINERS = {"pyxis": "pyxis:nvcr.io/nvidia/pytorch:25.08-py3", "podman": "podman:mps:gpu", "docker": "docker:mps:gpu"}
+
+
+@pytest.mark.parametrize("kind", ["sif", "pyxis", "podman", "docker"])
 def test_dry_run_prints_the_complete_sbatch_script_with_the_container_line(kind, tmp_path, capsys):
     image = tmp_path / "mps.sif"
     image.write_text("")
-    container = str(image) if kind == "sif" else "pyxis:nvcr.io/nvidia/pytorch:24.10-py3"
+    container = str(image) if kind == "sif" else CONTAINERS[kind]
     code = main(
         [
             "--strategy",
@@ -105,3 +139,57 @@ def test_container_needs_slurm_and_an_existing_image(tmp_path, capsys):
     assert "--container runs tasks under Slurm" in capsys.readouterr().err
     assert main(["--cluster", "slurm", "--container", str(tmp_path / "x.sif"), "--out", str(tmp_path / "r")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+FAKE_ENGINE = """#!/bin/sh
+# answers as podman would: image inspect prints an id, run prints the probe's JSON line
+case "$1" in
+  image) [ "$5" = "mps:absent" ] && {{ echo "Error: image not known" >&2; exit 125; }}; echo sha256:0123abcdef ;;
+  run) echo '{{"python": "{python}", "submitit": "{submitit}", "torch": "{torch}"}}' ;;
+esac
+"""
+
+
+def fake_podman(tmp_path, monkeypatch, python=None, submitit_version=None, torch="2.13.0+cpu") -> None:
+    import sys
+
+    import submitit
+
+    python = python or ".".join(map(str, sys.version_info[:3]))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "podman"
+    exe.write_text(FAKE_ENGINE.format(python=python, submitit=submitit_version or submitit.__version__, torch=torch))
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+MISMATCHES = {
+    "python": (dict(python="3.9.2"), "runs Python 3.9.2, this host 3."),
+    "submitit": (dict(submitit_version="1.4.0"), "has submitit 1.4.0, this host "),
+    "torch": (dict(torch="2.5.0a0+e000cf0"), "has torch 2.5.0a0+e000cf0, the project needs torch>=2.8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_an_image_that_disagrees_with_the_host_is_refused_in_one_line(case, tmp_path, monkeypatch, capsys):
+    """The same refusals as tests/test_container_slurm.py makes with real images, in every run."""
+    kw, words = MISMATCHES[case]
+    fake_podman(tmp_path, monkeypatch, **kw)
+    out = tmp_path / "run"
+    assert main(["--cluster", "slurm", "--container", "podman:mps:cpu", "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()
+
+
+def test_a_missing_image_or_engine_is_one_line(tmp_path, monkeypatch, capsys):
+    fake_podman(tmp_path, monkeypatch)
+    args = ["--cluster", "slurm", "--steps", "1", "--out", str(tmp_path / "run")]
+    assert main([*args, "--container", "podman:mps:absent"]) == 2
+    assert "no such image in podman on this host" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main([*args, "--container", "docker:mps:cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "docker is not installed on this host" in err[0], err
+    assert not (tmp_path / "run").exists()

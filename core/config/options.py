@@ -123,7 +123,9 @@ class RunConfig:
         "auto", "where the job runs: auto (Slurm when sinfo answers, else this host), slurm or local", choices=CLUSTERS
     )
     device: str = option("auto", "auto (cuda where present), cuda or cpu", choices=DEVICES)
-    container: str | None = option(None, "Apptainer image (.sif) or pyxis:IMAGE each task runs in (Slurm)")
+    container: str | None = option(
+        None, "Image each task runs in (Slurm): an Apptainer .sif, podman:IMAGE, docker:IMAGE or pyxis:IMAGE"
+    )
     partition: str | None = option(None, "Slurm partition")
     account: str | None = option(None, "Slurm account")
     time: int = option(60, "job time limit in minutes (Slurm)")

@@ -14,6 +14,7 @@ import socket
 import submitit
 
 from core.config import RunConfig
+from jobs.plan import containers
 from jobs.plan.prepare import LaunchPlan
 
 
@@ -83,7 +84,7 @@ def make_executor(plan: LaunchPlan, folder: str, preview: bool = False) -> submi
     if extra:
         params["additional_parameters"] = {k.strip().replace("-", "_"): _value(v.strip()) for k, v in extra.items()}
     if cfg.container:
-        wrap_container(ex, cfg, plan.run_dir, srun_args)
+        wrap_container(ex, cfg, plan.run_dir, srun_args, gpus=bool(gpus_per_node))
     ex.update_parameters(**params)
     return ex
 
@@ -92,28 +93,68 @@ def _value(v: str):
     return True if v.lower() == "true" else v
 
 
-def container_binds(cfg: RunConfig, run_folder: str) -> list[str]:
-    """Paths a task needs inside the image, at the same paths: the run folder, the data, this repo."""
-    # this file is jobs/launch/executor.py: three levels up is the repository
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [os.path.abspath(run_folder), os.path.abspath(cfg.data_dir), repo]
+def container_binds(cfg: RunConfig, run_folder: str, preview: bool = False) -> list[str]:
+    """Paths a task needs inside the image, at the same paths: the run folder, this repo, and the
+    data folder when the run reads MNIST from it. A folder that does not exist cannot be bound
+    (podman and Apptainer refuse to start): a synthetic run, or MNIST that could not be fetched
+    into a missing folder, goes without it. A preview shows the MNIST folder as it would be bound."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jobs/launch/ -> root
+    data = os.path.abspath(cfg.data_dir)
+    paths = [os.path.abspath(run_folder)]
+    if cfg.resolved_dataset == "mnist" and (preview or os.path.isdir(data)):
+        paths.append(data)
+    paths.append(repo)
     return list(dict.fromkeys(paths))
 
 
-def wrap_container(ex: submitit.SlurmExecutor, cfg: RunConfig, run_folder: str, srun_args: list[str]) -> None:
-    """Run each task's python in the image: Apptainer (a .sif) or pyxis/enroot (pyxis:IMAGE)."""
-    binds = container_binds(cfg, run_folder)
-    if cfg.container.startswith("pyxis:"):
+# docker has no --env-host: the variables a task reads, passed by name (each takes the host's value)
+DOCKER_ENV = (
+    "SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NNODES "
+    "SLURM_NTASKS SLURM_PROCID SLURM_LOCALID SLURM_NODEID SLURM_RESTART_COUNT SUBMITIT_EXECUTOR "
+    "SUBMITIT_PREEMPT_SIGNAL SUBMITIT_LOG_LEVEL CUDA_VISIBLE_DEVICES PYTHONPATH MPS_FAULT "
+    "NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_DEBUG GLOO_SOCKET_IFNAME"
+).split()
+
+
+def engine_run_line(engine: str, image: str, binds: list[str], gpus: bool) -> str:
+    """`podman run ...` / `docker run ...` up to the image's python3: one container per Slurm task
+    (Slurm's own OCI support runs one task per node), on the host's network and IPC (NCCL, gloo,
+    shared memory), with Slurm's environment and the binds at the same paths. --rm: nothing left
+    per task; --pull=never: a compute node never fetches an image (the submission probed it)."""
+    args = [engine, "run", "--rm", "--pull=never", "--net=host", "--ipc=host"]
+    if engine == "podman":
+        args.append("--env-host")
+    else:
+        args += [f"--env={name}" for name in DOCKER_ENV]
+    for path in binds:
+        args += ["-v", f"{path}:{path}"]
+    line = " ".join(shlex.quote(a) for a in args)
+    if gpus:
+        # the node's GPUs through CDI (podman) or the NVIDIA container toolkit (docker), decided on
+        # the node by the batch shell: a node without GPUs (or with Slurm's GRES but no driver) runs
+        # on the CPU instead of failing on an unresolvable device
+        flag = "--device nvidia.com/gpu=all" if engine == "podman" else "--gpus all"
+        line += f" $(test -e /dev/nvidia0 && echo {flag})"
+    return f"{line} {shlex.quote(image)} python3"
+
+
+def wrap_container(
+    ex: submitit.SlurmExecutor, cfg: RunConfig, run_folder: str, srun_args: list[str], gpus: bool = False
+) -> None:
+    """Run each task's python in the image: Apptainer (a .sif), pyxis/enroot (pyxis:IMAGE), or a
+    Docker-compatible engine (podman:IMAGE, docker:IMAGE)."""
+    binds = container_binds(cfg, run_folder, preview=isinstance(ex, SlurmScriptPreview))
+    container = containers.parse(cfg.container)
+    if container.engine == "pyxis":
         srun_args += [
-            f"--container-image={cfg.container[len('pyxis:') :]}",
+            f"--container-image={container.image}",
             "--container-mounts=" + ",".join(f"{p}:{p}" for p in binds),
         ]
         ex.python = "python3"
+    elif container.engine in containers.ENGINES:
+        ex.python = engine_run_line(container.engine, container.image, binds, gpus)
     else:
-        ex.python = (
-            f"apptainer exec --nv --bind {shlex.quote(','.join(binds))} "
-            f"{shlex.quote(os.path.abspath(cfg.container))} python3"
-        )
+        ex.python = f"apptainer exec --nv --bind {shlex.quote(','.join(binds))} {shlex.quote(container.image)} python3"
 
 
 def describe(ex: submitit.Executor, plan: LaunchPlan) -> str:

@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 
+from core.check import metrics
 from core.parallel import distributed
 from core.training import faults, progress, train
 from core.training.checkpoint import latest_checkpoint
 from core.training.stop import PREEMPT, StopRequest
+from jobs.plan import containers
 from jobs.plan.prepare import LaunchPlan
 from jobs.plan.strategies import get_build
 
@@ -56,6 +58,9 @@ class TrainTask:
         tracker = progress.start(state.rank, plan.run_dir, plan.cfg.resolved_hang_timeout_s)
         try:
             result = train.run(plan.cfg, state, get_build(plan.cfg.strategy), out_dir=plan.run_dir, stop=stop)
+            if plan.cfg.container and state.is_main:
+                result["container"] = container_record(plan)
+                metrics.write_json_atomic(os.path.join(plan.run_dir, "result.json"), result)
         except train.Preempted as e:
             if not slurm or stop.agreed_kind != PREEMPT:  # a stop (scancel, Ctrl-C) ends the job
                 raise RuntimeError(
@@ -76,6 +81,17 @@ class TrainTask:
             progress.finish()
             distributed.shutdown()
         return result if state.is_main else None
+
+
+def container_record(plan: LaunchPlan) -> dict:
+    """result.json's ``container``: the image the submission probed (engine, name, id), and the
+    Python and torch this task really ran with (inside the image)."""
+    import torch
+
+    spec = containers.parse(plan.cfg.container)
+    record = plan.container or {"engine": spec.engine, "image": spec.image, "image_id": None}
+    python = ".".join(map(str, sys.version_info[:3]))
+    return {**{k: record.get(k) for k in ("engine", "image", "image_id")}, "python": python, "torch": torch.__version__}
 
 
 def requeue_after_failure(plan: LaunchPlan, rank: int, error: Exception) -> bool:

@@ -17,6 +17,7 @@ from core.config import ConfigError, RunConfig, existing_parent
 from core.models import build_model
 from core.models.base import to_block_names
 from core.parallel.layout import Layout
+from jobs.plan import containers
 from jobs.plan.cluster import resolve_cluster
 from jobs.plan.strategies import validate_run
 
@@ -33,6 +34,8 @@ class LaunchPlan:
     run_dir: str
     data_source: str | None = None
     """Which MNIST the run trains on (None for synthetic data), decided on the submitting host."""
+    container: dict | None = None
+    """A podman/docker image's probe (jobs.plan.containers): engine, image, image_id, python, torch."""
 
     @property
     def requests_gpus(self) -> bool:
@@ -65,11 +68,12 @@ def check_host(plan: LaunchPlan, cuda_count: int) -> None:
             raise ConfigError(
                 "--container runs tasks under Slurm (apptainer or pyxis): add --cluster slurm, or drop --container"
             )
-    container = cfg.container
-    if container is not None and not container.startswith("pyxis:") and not os.path.isfile(container):
-        raise ConfigError(
-            f"--container {container} is not a file: give the .sif path (on a shared filesystem) or pyxis:IMAGE"
-        )
+    if cfg.container is not None and containers.parse(cfg.container).engine == "apptainer":
+        if not os.path.isfile(cfg.container):
+            raise ConfigError(
+                f"--container {cfg.container} is not a file: give the .sif path (on a shared filesystem), "
+                "podman:IMAGE, docker:IMAGE or pyxis:IMAGE"
+            )
 
 
 def run_folder(cfg: RunConfig, resuming: bool = False) -> str:
@@ -177,6 +181,9 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resuming: bool = False) -> La
     plan = LaunchPlan(cfg, layout, cluster, resolve_device(cfg, cluster, cuda_count), run_folder(cfg, resuming))
     check_host(plan, cuda_count)
     note_oversubscription(plan)
+    if not dry_run and cfg.container is not None and containers.parse(cfg.container).engine in containers.ENGINES:
+        # before Slurm, the data and the run folder: a mismatched image queues nothing
+        plan = dataclasses.replace(plan, container=containers.probe(containers.parse(cfg.container)))
     if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
         raise ConfigError(
             "--cluster slurm, but sbatch is not on PATH: submit from a Slurm login node, or preview with --dry-run"
