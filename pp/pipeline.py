@@ -21,7 +21,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from core.config import ConfigError, RunConfig
 from core.models import BlockModel, describe
-from core.models.base import held_buffers
+from core.models.base import batch_coupled, held_buffers
 from core.parallel.data_parallel import replicate_over_dp
 from core.parallel.distributed import DistState
 from core.parallel.layout import Layout
@@ -196,6 +196,12 @@ def validate(cfg: RunConfig, layout: Layout) -> None:
     why = schedule_rule(cfg.schedule, m, p, layout.stages)
     if why:
         raise ConfigError(f"{why}: change --microbatches")
+    if b // m < 2 and batch_coupled(describe(cfg.model, cfg.flavor)):
+        # batch norm normalises each micro-batch on its own: one sample has no variance to divide by
+        raise ConfigError(
+            f"--model {cfg.model} has batch norm, which needs at least 2 samples per micro-batch; "
+            f"{m} micro-batches of {b} samples{per} leave {b // m}: lower --microbatches or raise --batch-size"
+        )
     if layout.tp > 1:
         from tp import validate as tp_validate
 

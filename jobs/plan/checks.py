@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from core.config import ConfigError, RunConfig
 from core.models import describe
+from core.models.base import batch_coupled
 from core.models.registry import dataset_factory, is_import_path
 from core.parallel.contract import check_cut
 from core.parallel.layout import Layout
@@ -28,6 +29,12 @@ def check_model_and_layout(cfg: RunConfig) -> Layout:
 
     layout = Layout.from_config(cfg)
     layout.check_batch(cfg.resolved_batch_size)
+    local = layout.local_batch(cfg.resolved_batch_size)
+    need(
+        local >= 2 or not batch_coupled(model),
+        f"--model {cfg.model} has batch norm, which needs at least 2 samples per replica; --batch-size "
+        f"{cfg.resolved_batch_size} over {layout.dp} replicas leaves {local}: raise --batch-size",
+    )
 
     # Stages: no more than there are blocks; an explicit split must describe every block.
     if cfg.strategy in ("mp", "pp"):
