@@ -177,3 +177,15 @@ def test_tensor_parallel_with_fsdp_on_a_scalar_parameter_passes_check():
     """tp 2 x dp 2 (FSDP2 by default with tensor parallel): 4 ranks, so not in the default run."""
     kw = dict(model="examples.my_model:build", strategy="tp", gpus=4, dp=2)
     assert_passed(run_ranks(Train(None, check=True, steps=2, **kw), 4, timeout_s=600)[0]["check"], "tp 2 x dp 2")
+
+
+def test_batch_norm_with_one_sample_per_micro_batch_is_refused_before_anything_starts(tmp_path, capsys):
+    """Batch norm of one sample has no variance: the job used to die in the forward; now one line."""
+    from jobs.submit import main
+
+    args = ["--strategy", "pp", "--gpus", "2", "--model", "torchvision:resnet18", "--cluster", "local"]
+    assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs at least 2 samples per micro-batch" in err, err
+    assert not (tmp_path / "run").exists()
+    assert main([*args, "--batch-size", "4", "--microbatches", "2", "--dry-run"]) == 0

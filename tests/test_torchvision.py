@@ -198,7 +198,8 @@ def test_uncut_names_load_strictly_into_the_torchvision_model(arch):
 
 # The mp 2 parity check, in one process, for one model of each family (32x32, batch 2, 2 steps).
 # In the default run the two cheapest; googlenet (built without its auxiliary classifiers),
-# efficientnet_b0 (stochastic depth off for --check) and the others of the sample are marked slow (tens of seconds each on 2 shared cores: pytest -m slow).
+# efficientnet_b0 (stochastic depth off for --check) and the others of the sample are marked slow
+# (tens of seconds each on 2 shared cores: pytest -m slow).
 # Left to bench/torchvision_zoo.py (docs/torchvision-zoo.md): vgg11 and alexnet (a 100M-parameter
 # classifier each), vit (resnet18 and vit_b_16 have their own tests above), maxvit_t (224x224 is
 # its smallest size), swin and convnext (the other stochastic-depth families).
