@@ -230,7 +230,12 @@ def _a_task_died(job, seen_all: list[bool]) -> bool:
 
 
 class JobFailed(RuntimeError):
-    """The job ended without results; the message is the one line the user gets."""
+    """The job ended without results; the message is the one line the user gets. ``cancelled``:
+    Slurm says it was cancelled (scancel), which is said as such, not as a failure."""
+
+    def __init__(self, message: str, cancelled: bool = False) -> None:
+        super().__init__(message)
+        self.cancelled = cancelled
 
 
 def slurm_results_written(job) -> bool:
@@ -266,7 +271,10 @@ def wait_for(
     watch = SlurmWatch(str(job.job_id), say) if slurm else None
 
     def vanished(a: SlurmAnswer) -> None:
-        raise JobFailed(f"Slurm reports {a.state or 'no such job'} and no result was written; {job_failure(job)}")
+        cancelled = (a.state or "").startswith("CANCELLED")
+        raise JobFailed(
+            f"Slurm reports {a.state or 'no such job'} and no result was written; {job_failure(job)}", cancelled
+        )
 
     failed_since: list[float] = []
     all_seen = [False]
@@ -294,7 +302,7 @@ def wait_for(
         )
         return slurm_results(job) if slurm else job.results()
     except JobFailed as e:
-        raise JobFailed(explain_failure(job, str(e), cfg) if slurm else str(e)) from None
+        raise JobFailed(explain_failure(job, str(e), cfg) if slurm else str(e), e.cancelled) from None
     except Exception:  # a task's error re-raised by submitit: the first failing rank, in its words
         why = job_failure(job)
         raise JobFailed(explain_failure(job, why, cfg) if slurm else why) from None
