@@ -44,8 +44,8 @@ def user_file(path: str, doing: str = "read") -> Iterator[None]:
     except ConfigError:
         raise
     except OSError as e:
-        named = e.filename if isinstance(e.filename, str) else path
-        raise ConfigError(f"cannot {doing} {named}: {os_reason(e)}") from None
+        # the file the user named, not our temporary one beside it
+        raise ConfigError(f"cannot {doing} {path}: {os_reason(e)}") from None
     except FORMAT_ERRORS as e:
         raise ConfigError(f"{path} is damaged or not what it should be ({type(e).__name__}: {e})") from None
 

@@ -105,11 +105,11 @@ def watch_to_end(
     hangs = hang_report.HangWatch(folder, job.num_tasks, say, since)
     try:
         with interruptible():
-            wait_for(job, cluster, cfg, echo=echo, say=say, on_tick=hangs.tick)
+            wait_for(job, cluster, cfg, echo=echo, say=say, on_tick=hangs.tick, on_requeue=hangs.new_attempt)
     except Interrupted as e:
         return stop_job(job, cluster, folder, e.signum)
     except JobFailed as e:
-        reports = hang_report.read_reports(folder, since)
+        reports = hang_report.read_reports(folder, hangs.since)  # a requeue moves it on
         # a crash is told by the rank's own error; a stall or a timeout by what every rank was doing
         line, shown = hang_report.verdict(str(e), reports, job.num_tasks, hangs.first_stalled)
         if shown:

@@ -226,3 +226,33 @@ def test_a_full_disk_is_said_when_the_ranks_could_not_write_their_errors(tmp_pat
     monkeypatch.setattr(blame.os, "statvfs", lambda path: full)
     line = blame.job_failure(job)
     assert line.startswith(f"the disk holding {tmp_path} is full (No space left on device)"), line
+
+
+def test_a_requeue_says_the_error_that_caused_it_and_the_attempt(tmp_path, monkeypatch):
+    """Slurm's answers as a --max-retries requeue gives them (running, back to pending with
+    BeginTime, running, completed): the user reads the failed attempt's error and the attempt
+    number, not only "pending: BeginTime"."""
+    from types import SimpleNamespace
+
+    from core.config import RunConfig
+    from jobs.launch import watch
+
+    (tmp_path / "0.err").write_text("Traceback ...\nValueError: the loss is nan\n")
+    job = SimpleNamespace(job_id="7", num_tasks=1, paths=SimpleNamespace(folder=tmp_path))
+    job.task = lambda i: SimpleNamespace(
+        paths=SimpleNamespace(stderr=tmp_path / f"{i}.err", stdout=tmp_path / "0.out", result_pickle=tmp_path / "r")
+    )
+    answers = iter(["RUNNING", "PENDING", "RUNNING", "COMPLETED"])
+    monkeypatch.setattr(watch, "query_job", lambda job_id: watch.SlurmAnswer(True, next(answers), "BeginTime", "vm"))
+    monkeypatch.setattr(watch, "slurm_results_written", lambda job: False)
+    said, restarted = [], []
+    with pytest.raises(watch.JobFailed):
+        watch.wait_for(
+            job, "slurm", RunConfig(max_retries=2), echo=False, say=said.append, on_requeue=lambda: restarted.append(1)
+        )
+    requeue = [s for s in said if "requeued" in s]
+    assert requeue == [
+        "job 7 requeued after attempt 1 of at most 3, which failed: rank 0: ValueError: the loss is nan; "
+        "attempt 2 resumes from the last checkpoint"
+    ], said
+    assert restarted == [1]

@@ -132,6 +132,10 @@ class HangWatch:
         self.checked = 0.0
         self.first_stalled: str | None = None
 
+    def new_attempt(self) -> None:
+        """The job was requeued: what the ended attempt's ranks reported is no longer news."""
+        self.since, self.shown, self.first_stalled = time.time(), 0, None
+
     def tick(self) -> None:
         if time.time() - self.checked < 2.0:
             return
