@@ -289,10 +289,17 @@ def wait_for(
     def requeued(attempt: int) -> None:
         retries = getattr(cfg, "max_retries", None)
         of = f" of at most {retries + 1}" if retries is not None else ""
-        say(
-            f"job {job.job_id} requeued after attempt {attempt}{of}, which failed: {job_failure(job)}; "
-            f"attempt {attempt + 1} resumes from the last checkpoint"
-        )
+        why = job_failure(job)
+        # the failing rank usually says it itself (jobs.launch.task: "rank 1 failed (...); job requeued,
+        # attempt 2 of at most 3, ..."): quoted as it is, not wrapped in a second account of it
+        own = re.match(r"rank (\d+): (rank \1 failed .*job requeued.*)", why)
+        if own:
+            say(f"job {job.job_id} requeued after attempt {attempt}: {own.group(2)}")
+        else:
+            say(
+                f"job {job.job_id} requeued after attempt {attempt}{of}, which failed: {why}; "
+                f"attempt {attempt + 1} resumes from the last checkpoint"
+            )
         if on_requeue is not None:
             on_requeue()
 
