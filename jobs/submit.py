@@ -15,6 +15,7 @@ import io
 import os
 import re
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -70,6 +71,7 @@ def run_one(
         executor = make_executor(plan, log_dir)
         write_json_atomic(os.path.join(folder, "config.json"), cfg.to_dict())  # what --resume restarts
         port = free_port() if cluster == "local" else None
+        submitted = time.time()  # the folder may hold a previous attempt's hang reports: older
         # submitit echoes sbatch's stderr on failure; we say it once, below, in one line
         with contextlib.redirect_stderr(io.StringIO()), children_ignore_sigint():
             job = executor.submit(TrainTask(plan, port))
@@ -85,25 +87,36 @@ def run_one(
     if no_wait:
         print(f"not waiting: results will be in {folder}/result.json; follow it with --attach {folder}")
         return 0, folder
-    return watch_to_end(job, cluster, folder, cfg, echo=not quiet, quiet=quiet), folder
+    return watch_to_end(job, cluster, folder, cfg, echo=not quiet, quiet=quiet, since=submitted), folder
 
 
-def watch_to_end(job, cluster: str, folder: str, cfg: RunConfig, echo: bool = True, quiet: bool = False) -> int:
-    """Follow a submitted (or re-attached) job to its end; print its summary. The exit code."""
+def watch_to_end(
+    job,
+    cluster: str,
+    folder: str,
+    cfg: RunConfig,
+    echo: bool = True,
+    quiet: bool = False,
+    since: float | None = None,
+) -> int:
+    """Follow a submitted (or re-attached) job to its end; print its summary. The exit code.
+    ``since``: when this attempt was submitted (hang reports older than it are a previous one's)."""
     log_dir = os.path.join(folder, "submitit")
     say = lambda line: print(line, flush=True)  # noqa: E731
-    hangs = hang_report.HangWatch(folder, job.num_tasks, say)
+    hangs = hang_report.HangWatch(folder, job.num_tasks, say, since)
     try:
         with interruptible():
-            wait_for(job, cluster, cfg, echo=echo, say=say, on_tick=hangs.tick)
+            wait_for(job, cluster, cfg, echo=echo, say=say, on_tick=hangs.tick, on_requeue=hangs.new_attempt)
     except Interrupted as e:
         return stop_job(job, cluster, folder, e.signum)
     except JobFailed as e:
-        reports = hang_report.read_reports(folder)
-        if reports:  # a stall or a timeout: what every rank was doing, and who stopped first
-            say(f"what each rank was doing (reports in {folder}/hang/):\n{hang_report.table(reports, job.num_tasks)}")
-            e = f"{hang_report.stalled_first(reports, job.num_tasks)}; {e}"
-        return fail(f"job {job.job_id} failed: {e} (logs in {log_dir})", 1)
+        reports = hang_report.read_reports(folder, hangs.since)  # a requeue moves it on
+        # a crash is told by the rank's own error; a stall or a timeout by what every rank was doing
+        line, shown = hang_report.verdict(str(e), reports, job.num_tasks, hangs.first_stalled)
+        if shown:
+            say(f"what each rank was doing (reports in {folder}/hang/):\n{shown}")
+        ended = "was cancelled" if e.cancelled else "failed"  # scancel is the user's choice, not a fault
+        return fail(f"job {job.job_id} {ended}: {line} (logs in {log_dir})", 1)
     if not quiet:
         print(format_summary(read_result(folder), folder), flush=True)
     return 0

@@ -172,6 +172,12 @@ def resolved_microbatches(cfg: RunConfig, layout: Layout) -> int:
 def validate(cfg: RunConfig, layout: Layout) -> None:
     """Everything the pipeline needs, checked on the submitting host (ConfigError: exit 2).
     Stage counts against blocks and --split are checked with the layout (jobs/plan/checks.py)."""
+    if layout.processes == 1:  # torch's pipeline stages talk through a process group: none with one rank
+        raise ConfigError(
+            f"--strategy pp --gpus {cfg.gpus} is a pipeline of one stage, which is the whole model on one "
+            "device: use --strategy reference --gpus 1, or --gpus 2 or more (without GPUs add --device cpu: "
+            "each stage a CPU process)"
+        )
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     p = layout.pp

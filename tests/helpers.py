@@ -67,3 +67,24 @@ def run_submit(*args: str, cwd, timeout: float = 300, env: dict | None = None):
     )
     p.seconds = time.time() - t0
     return p
+
+
+def small_checkpoint(run_dir, step: int) -> None:
+    """A checkpoint a resume accepts on the submitting host (meta.json, DCP's index and its one
+    shard, latest.json naming it) holding one small tensor: for tests of what the command decides
+    before any rank loads it."""
+    import json
+    import os
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    name = f"step-{step:08d}"
+    folder = os.path.join(run_dir, "checkpoint", name)
+    os.makedirs(folder, exist_ok=True)
+    dcp.save({"model": {"w": torch.zeros(2)}}, checkpoint_id=folder, no_dist=True)
+    position = {"step": step}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"position": position, "losses": [], "layout": {}, "config": {}}, f)
+    with open(os.path.join(run_dir, "checkpoint", "latest.json"), "w") as f:
+        json.dump({"folder": name, "position": position, "layout": {}}, f)

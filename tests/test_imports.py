@@ -25,10 +25,7 @@ FUNCTION_LEVEL = {
     # no cycle behind these; they can move to the top of their modules
     ("core.check.reference", "core.parallel.data_parallel"): "movable",
     ("core.parallel.contract", "core.parallel.partition"): "movable",
-    ("jobs.cli.resume", "core.training.checkpoint"): "movable",
     ("jobs.plan.prepare", "jobs.launch.run_folder"): "movable",
-    ("jobs.plan.prepare", "core.data"): "movable",
-    ("jobs.plan.prepare", "core.models"): "movable",
 }
 
 

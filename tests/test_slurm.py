@@ -181,6 +181,10 @@ def test_a_crash_after_a_checkpoint_is_requeued_and_resumes_exactly(slurm, tmp_p
     p = run_submit("--cluster", "slurm", *common, "--checkpoint-every", "4", "--out", out, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "attempts: 2" in p.stdout
+    # the requeue is told with the error that caused it and the attempt; the crash is no hang
+    said = "requeued after attempt 1: rank 1 failed (InjectedFaultError: MPS_FAULT: rank 1 crashed after step 5"
+    assert said in p.stdout and "attempt 2 of at most 3" in p.stdout, p.stdout[-3000:]
+    assert "no progress" not in p.stdout
     a = json.loads((straight / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
     assert b["attempts"] == 2 and b["losses"] == a["losses"]  # bit for bit on CPU

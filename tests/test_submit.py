@@ -10,7 +10,7 @@ import pytest
 
 from jobs.submit import main
 
-from helpers import run_submit
+from helpers import run_submit, small_checkpoint
 
 BAD = {
     "gpus zero": (["--gpus", "0"], "--gpus must be at least 1"),
@@ -242,8 +242,7 @@ def test_resume_takes_layout_flags_and_refuses_another_model(tmp_path, capsys):
     from core.config import RunConfig
 
     run = tmp_path / "run"
-    (run / "checkpoint").mkdir(parents=True)
-    (run / "checkpoint" / "latest.json").write_text(json.dumps({"position": {"step": 3}}))
+    small_checkpoint(run, 3)
     (run / "config.json").write_text(json.dumps(RunConfig(strategy="pp", gpus=2, model="gpt").to_dict()))
     local = ["--cluster", "local", "--device", "cpu", "--dry-run"]
     assert main(["--resume", str(run), "--strategy", "pp", "--gpus", "4", "--dp", "2", *local]) == 0
@@ -316,7 +315,7 @@ def test_a_truncated_mnist_file_is_named_with_the_fix(tmp_path, capsys):
 def test_a_batch_larger_than_the_data_is_refused_before_the_ranks_start(tmp_path, capsys):
     data = _mnist_copy(tmp_path)
     args = ["--data-dir", str(data), "--batch-size", "20000", "--steps", "1", "--out", str(tmp_path / "r")]
-    assert "is more than the 10,000 training digits" in _refused(args, tmp_path, capsys)
+    assert "is more than the 10,000 training samples" in _refused(args, tmp_path, capsys)
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):

@@ -165,3 +165,94 @@ def test_an_injected_hang_is_named_by_rank_stage_and_action_within_the_bound(tmp
     assert row.split()[1:4] == ["1", os.uname().nodename, "1"], row  # rank, node, stage
     waiting = [r for r in table.splitlines() if "waiting" not in r and "rank 1 (stage 1)" in r]
     assert waiting, table  # a neighbour names rank 1 as the peer it waits for
+
+
+def test_a_rank_that_raises_is_named_by_its_own_error_not_as_a_hang(tmp_path):
+    """Rank 0 raises after step 1; rank 1 only waited for it. The line is rank 0's error, with no
+    "no progress" table and no "stopped making progress" (both told a crash as a hang)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, MPS_FAULT="crash:rank=0:step=1")
+    p = run_submit(*LONG[:7], "5", *LONG[8:], "--max-retries", "0", "--out", out, cwd=tmp_path, env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert "failed: rank 0: core.training.faults.InjectedFaultError: MPS_FAULT: rank 0 crashed" in line, line
+    assert "stopped making progress" not in p.stderr + p.stdout
+    assert "what each rank" not in p.stdout and "no progress" not in p.stdout
+
+
+def _report(folder, rank: int, at: float, reason: str, **kw) -> None:
+    (folder / "hang").mkdir(exist_ok=True)
+    r = dict(rank=rank, node="vm", step=3, stage=rank, microbatch=None, action="forward", waiting_for=None)
+    r.update(waits_on=None, last_progress_at=at - 10, reported_at=at, reason=reason)
+    r.update(kw)
+    (folder / "hang" / f"rank-{rank}.json").write_text(json.dumps(r))
+
+
+def test_the_verdict_tells_a_crash_from_a_stop_and_forgets_a_previous_attempt(tmp_path):
+    from jobs.launch import hang_report
+
+    now = time.time()
+    # a crash: rank 1's own error and rank 0's lost peer; no table, the message (blame's) stands
+    _report(tmp_path, 0, now, "RuntimeError: Connection closed by peer")
+    _report(tmp_path, 1, now, "ValueError: bad batch")
+    line, table = hang_report.verdict("rank 1: ValueError: bad batch", hang_report.read_reports(tmp_path), 2)
+    assert line == "rank 1: ValueError: bad batch" and table is None
+    # a stop: rank 1 wrote nothing while rank 0's watchdog did; the table seen then names rank 1,
+    # and keeps naming it after rank 1 wakes (SIGCONT) and writes a fresher report than rank 0's
+    _report(tmp_path, 0, now, "no progress for 30 s (--hang-timeout 30)")
+    (tmp_path / "hang" / "rank-1.json").unlink()
+    said = []
+    watch = hang_report.HangWatch(str(tmp_path), 2, said.append)
+    watch.tick()
+    assert watch.first_stalled.startswith("rank 1 wrote no report") and "no progress" in said[0]
+    _report(tmp_path, 1, now + 5, "no progress for 40 s (--hang-timeout 30)", waits_on=0)
+    line, table = hang_report.verdict("rank 0: timed out", hang_report.read_reports(tmp_path), 2, watch.first_stalled)
+    assert line.startswith("rank 1 wrote no report (stopped or killed)") and table
+    # a resumed run: the previous attempt's reports are not shown as this one's
+    said.clear()
+    hang_report.HangWatch(str(tmp_path), 2, said.append, since=now + 60).tick()
+    assert said == [] and hang_report.read_reports(tmp_path, since=now + 60) == {}
+
+
+def test_a_full_disk_is_said_when_the_ranks_could_not_write_their_errors(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from jobs.launch import blame
+
+    job = SimpleNamespace(num_tasks=2, paths=SimpleNamespace(folder=tmp_path))
+    job.task = lambda i: SimpleNamespace(paths=SimpleNamespace(stderr=tmp_path / f"{i}.err"))
+    assert blame.job_failure(job) == "no task wrote anything to its stderr"
+    full = os.statvfs_result((4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255))
+    monkeypatch.setattr(blame.os, "statvfs", lambda path: full)
+    line = blame.job_failure(job)
+    assert line.startswith(f"the disk holding {tmp_path} is full (No space left on device)"), line
+
+
+def test_a_requeue_says_the_error_that_caused_it_and_the_attempt(tmp_path, monkeypatch):
+    """Slurm's answers as a --max-retries requeue gives them (running, back to pending with
+    BeginTime, running, completed): the user reads the failed attempt's error and the attempt
+    number, not only "pending: BeginTime"."""
+    from types import SimpleNamespace
+
+    from core.config import RunConfig
+    from jobs.launch import watch
+
+    (tmp_path / "0.err").write_text("Traceback ...\nValueError: the loss is nan\n")
+    job = SimpleNamespace(job_id="7", num_tasks=1, paths=SimpleNamespace(folder=tmp_path))
+    job.task = lambda i: SimpleNamespace(
+        paths=SimpleNamespace(stderr=tmp_path / f"{i}.err", stdout=tmp_path / "0.out", result_pickle=tmp_path / "r")
+    )
+    answers = iter(["RUNNING", "PENDING", "RUNNING", "COMPLETED"])
+    monkeypatch.setattr(watch, "query_job", lambda job_id: watch.SlurmAnswer(True, next(answers), "BeginTime", "vm"))
+    monkeypatch.setattr(watch, "slurm_results_written", lambda job: False)
+    said, restarted = [], []
+    with pytest.raises(watch.JobFailed):
+        watch.wait_for(
+            job, "slurm", RunConfig(max_retries=2), echo=False, say=said.append, on_requeue=lambda: restarted.append(1)
+        )
+    requeue = [s for s in said if "requeued" in s]
+    assert requeue == [
+        "job 7 requeued after attempt 1 of at most 3, which failed: rank 0: ValueError: the loss is nan; "
+        "attempt 2 resumes from the last checkpoint"
+    ], said
+    assert restarted == [1]

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
+import os
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -34,15 +37,41 @@ DATASETS: dict[str, str] = {
 """Dataset name -> ``factory(model, data_dir, seed, batch_size)`` returning core.data.Dataset."""
 
 
+def where(e: BaseException, fallback: object = None) -> str:
+    """``FILE:LINE`` of the user's code behind ``e``: a syntax error's own place, else the innermost
+    frame outside this module (the line that raised, not our call of it), else ``fallback``'s file."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}"
+    here = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) != here]
+    if frames:
+        return f"{frames[-1].filename}:{frames[-1].lineno}"
+    try:
+        return inspect.getsourcefile(fallback) or repr(fallback)
+    except TypeError:  # a builtin or a C callable has no source file
+        return repr(fallback)
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: message``, its first line only: a user's exception as one line of ours."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def _import(path: str, flag: str) -> Callable:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name and not (module_name + ".").startswith(e.name + "."):
+            # the module itself was found: something it imports is not installed
+            raise ConfigError(f"{flag} {path}: importing {module_name} failed at {where(e)}: {one_line(e)}") from None
         raise ConfigError(
             f"{flag} {path}: cannot import {module_name} ({type(e).__name__}: {e}): "
             "put the folder that holds it on PYTHONPATH"
         ) from None
+    except Exception as e:  # the module is there but fails as it loads: a syntax error, a raise at import
+        raise ConfigError(f"{flag} {path}: importing {module_name} failed at {where(e)}: {one_line(e)}") from None
     if not hasattr(module, attr):
         raise ConfigError(f"{flag} {path}: {module_name} has no {attr!r}")
     return getattr(module, attr)
@@ -74,7 +103,12 @@ def build_model(name: str, flavor: str = "tiny", dropout: bool = True) -> BlockM
     flavors = getattr(factory, "flavors", None)  # a factory may declare its flavors
     if flavors is not None and flavor not in flavors:
         raise ConfigError(f"unknown --flavor {flavor!r} for {name}: choose one of {', '.join(flavors)}")
-    model = factory(flavor)
+    try:
+        model = factory(flavor)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's factory: its own error, in one line naming its file
+        raise ConfigError(f"--model {name}: the factory failed at {where(e, factory)}: {one_line(e)}") from None
     if not isinstance(model, BlockModel):
         raise ConfigError(f"--model {name}: the factory returned {type(model).__name__}, not a core.models.BlockModel")
     if len(model.blocks) == 0:

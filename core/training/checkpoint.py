@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.errors import ConfigError
+from core.files import read_json, torch_save_atomic
 from core.parallel.distributed import DistState
 from core.training import checkpoint_io
 
@@ -89,13 +91,85 @@ def _state_dicts(holder: nn.Module, opt: torch.optim.Optimizer) -> dict:
     }
 
 
+def checkpoint_problem(folder: str) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be loaded, in one line, or None when it is intact:
+    its meta.json reads and holds a position, DCP's index (``.metadata``) reads, and every file the
+    index lists is there and at least as long as the bytes it records. Checked on the submitting
+    host before a resume, so a truncated or deleted shard is found in a second, not in the job."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not os.path.isdir(folder):
+        return f"{folder} is missing"
+    try:
+        meta = read_json(os.path.join(folder, "meta.json"))
+    except ConfigError as e:
+        return str(e)
+    if not isinstance(meta.get("position"), dict) or "step" not in meta["position"]:
+        return f"{os.path.join(folder, 'meta.json')} holds no position (step)"
+    index = os.path.join(folder, ".metadata")
+    try:
+        storage = FileSystemReader(folder).read_metadata().storage_data or {}
+    except Exception as e:  # missing, truncated or not DCP's pickle: torch raises many kinds
+        return f"{index} cannot be read ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) < size:
+            return f"{path} is truncated ({os.path.getsize(path):,} of {size:,} bytes)"
+    return None
+
+
+def _steps(ckpt_dir: str) -> list[str]:
+    """The published step folders (not a save's ``.partial``), newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = (n for n in os.listdir(ckpt_dir) if n.startswith("step-") and not n.endswith(".partial"))
+    return sorted(names, reverse=True)
+
+
+def choose_checkpoint(run_dir: str) -> tuple[dict | None, str | None]:
+    """The checkpoint a resume loads, as latest.json describes one (folder, position, layout), and a
+    one-line note when it is not latest.json's own: latest.json's checkpoint when it is intact,
+    else the newest intact one beside it. (None, None) for a run without checkpoints; ConfigError
+    naming the broken file when there are checkpoints but none is intact."""
+    ckpt_dir = os.path.join(run_dir, "checkpoint")
+    latest_path = os.path.join(ckpt_dir, "latest.json")
+    named, problem = None, None
+    if os.path.exists(latest_path):
+        try:
+            latest = read_json(latest_path)
+            named = latest["folder"]
+            if not isinstance(named, str) or not named:
+                raise KeyError("folder")
+        except (ConfigError, KeyError) as e:
+            problem = str(e) if isinstance(e, ConfigError) else f"{latest_path} names no checkpoint folder"
+        else:
+            problem = checkpoint_problem(os.path.join(ckpt_dir, named))
+            if problem is None:
+                return latest, None
+    for name in _steps(ckpt_dir):
+        if name == named or checkpoint_problem(os.path.join(ckpt_dir, name)) is not None:
+            continue
+        meta = read_json(os.path.join(ckpt_dir, name, "meta.json"))
+        entry = {"folder": name, "position": meta["position"], "layout": meta.get("layout")}
+        why = problem or f"{latest_path} is missing"
+        return entry, f"the latest checkpoint is broken ({why}): using {name}, the newest intact one"
+    if problem is not None:
+        raise ConfigError(f"no intact checkpoint in {ckpt_dir}: {problem}")
+    return None, None
+
+
 def latest_checkpoint(run_dir: str) -> dict | None:
-    """What ``<run>/checkpoint/latest.json`` says (folder, position, layout), or None without one."""
-    path = os.path.join(run_dir, "checkpoint", "latest.json")
-    if not os.path.exists(path):
+    """The checkpoint a resume would load (see choose_checkpoint), or None without an intact one."""
+    try:
+        return choose_checkpoint(run_dir)[0]
+    except ConfigError:
         return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _barrier(group=None) -> None:
@@ -138,10 +212,12 @@ class Checkpointer:
         self.load_s: float | None = None
 
     def exists(self) -> bool:
-        return latest_checkpoint(self.run_dir) is not None
+        # a broken checkpoint with no intact one beside it raises (naming the file) rather than
+        # silently training from scratch over the run
+        return choose_checkpoint(self.run_dir)[0] is not None
 
     def latest_folder(self) -> str:
-        return os.path.join(self.dir, latest_checkpoint(self.run_dir)["folder"])
+        return os.path.join(self.dir, choose_checkpoint(self.run_dir)[0]["folder"])
 
     def summary(self) -> dict:
         """What the saves and the load of this run cost, for result.json's ``checkpoints``."""
@@ -357,7 +433,7 @@ def export_weights(run_dir: str, target: str, names: dict[str, str] | None = Non
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    folder = os.path.join(run_dir, "checkpoint", latest_checkpoint(run_dir)["folder"])
+    folder = os.path.join(run_dir, "checkpoint", choose_checkpoint(run_dir)[0]["folder"])
     with tempfile.TemporaryDirectory() as tmp:
         whole = os.path.join(tmp, "whole.pt")
         dcp_to_torch_save(folder, whole)
@@ -365,7 +441,5 @@ def export_weights(run_dir: str, target: str, names: dict[str, str] | None = Non
     model = sd["model"] if "model" in sd else {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     names = names or {}
     model = {names.get(k, k): v.detach().cpu().contiguous() for k, v in model.items()}
-    partial = target + ".partial"
-    torch.save(model, partial)
-    os.replace(partial, target)
+    torch_save_atomic(model, target)  # a read-only or full target folder: one line naming it
     return len(model)

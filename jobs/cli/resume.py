@@ -8,34 +8,61 @@ and where and how it is launched. What would change the training itself is refus
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
+import types
+import typing
 
 from core.config import ConfigError, RunConfig
+from core.files import read_json
 from core.models import describe
+from core.training.checkpoint import choose_checkpoint, export_weights
 
 # what a checkpoint cannot carry over: another network, or another data order (the position counts
 # global batches of the saved size and seed)
 FIXED = ("model", "flavor", "dataset", "batch_size", "seed", "train_samples", "grad_accum")
 
 
+def wrong_type(saved: dict) -> str | None:
+    """The first field of a saved configuration whose value is not of its declared type (a
+    hand-edited config.json): said here, not as a comparison failing deep in the layout."""
+    hints = typing.get_type_hints(RunConfig)
+    for name, value in saved.items():
+        if name not in hints:
+            continue  # a field of another version: RunConfig.from_dict drops it
+        hint = hints[name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = tuple(typing.get_origin(k) or k for k in (typing.get_args(hint) if union else (hint,)))
+        if float in kinds:
+            kinds += (int,)  # JSON writes 300.0 as 300 only by hand, but it means the same
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            return f"{name} is {value!r}"
+    return None
+
+
 def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
-    """The saved configuration with the options the user gave on top (see the module docstring)."""
-    import dataclasses
-
-    from core.training.checkpoint import latest_checkpoint
-
+    """The saved configuration with the options the user gave on top (see the module docstring).
+    Reads only: a refused resume leaves the folder as it was."""
     path = os.path.join(run_dir, "config.json")
-    latest = latest_checkpoint(run_dir)
     if not os.path.exists(path):
         raise ConfigError(f"--resume {run_dir}: no config.json there; give a run folder made by jobs/submit.py")
+    try:
+        latest, note = choose_checkpoint(run_dir)  # every shard of it there, at its recorded size
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: {e}") from None
     if latest is None:
         raise ConfigError(
             f"--resume {run_dir}: no checkpoint there (a run saves one with --checkpoint-every N, "
             "or when it is stopped by SIGUSR2)"
         )
-    with open(path) as f:
-        saved = RunConfig.from_dict(json.load(f))
+    try:
+        saved_dict = read_json(path, "a run's configuration")
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: {e}") from None
+    wrong = wrong_type(saved_dict)
+    if wrong:
+        raise ConfigError(f"--resume {run_dir}: {path} is not a run's configuration ({wrong})")
+    saved = RunConfig.from_dict(saved_dict)
     for name in FIXED:
         if name in given and getattr(cfg, name) != getattr(saved, name):
             flag = "--" + name.replace("_", "-")
@@ -67,29 +94,40 @@ def resume_config(run_dir: str, cfg: RunConfig, given: set[str]) -> RunConfig:
             raise ConfigError(
                 f"--resume {run_dir}: that run finished at step {done}; add --steps N with N > {done} to continue it"
             )
+    if note:
+        print(f"resume: {note}", flush=True)
     return resumed
 
 
 def uncut_names(run_dir: str) -> dict[str, str]:
     """The run's model's names in the model it was cut from (torchvision's own), as the latest
     checkpoint's configuration names the model."""
-    from core.training.checkpoint import latest_checkpoint
-
-    with open(os.path.join(run_dir, "checkpoint", latest_checkpoint(run_dir)["folder"], "meta.json")) as f:
-        saved = json.load(f)["config"]
+    latest, _ = choose_checkpoint(run_dir)
+    saved = read_json(os.path.join(run_dir, "checkpoint", latest["folder"], "meta.json")).get("config")
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise ConfigError(f"{run_dir}/checkpoint/{latest['folder']}/meta.json names no model")
     return describe(saved["model"], saved.get("flavor", "tiny")).uncut_names()
 
 
 def export(run_dir: str, target: str, force: bool = False) -> int:
     """``--export RUN_DIR FILE``: the latest checkpoint's weights as one plain state dict."""
-    from core.training.checkpoint import export_weights, latest_checkpoint
-
-    if latest_checkpoint(run_dir) is None:
+    try:
+        latest, note = choose_checkpoint(run_dir)
+    except ConfigError as e:
+        raise ConfigError(f"--export {run_dir}: {e}") from None
+    if latest is None:
         raise ConfigError(f"--export {run_dir}: no checkpoint there (runs save one with --checkpoint-every N)")
-    if os.path.exists(target) and not force:
-        raise ConfigError(f"--export: {target} exists; add --force to replace it (nothing was written)")
     if os.path.isdir(target):
         raise ConfigError(f"--export: {target} is a folder; give a file name such as weights.pt")
+    if os.path.exists(target) and not force:
+        raise ConfigError(f"--export: {target} exists; add --force to replace it (nothing was written)")
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--export: {parent} does not exist; create it first (nothing was written)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export: {parent} is not writable; choose a folder you can write to")
+    if note:
+        print(f"export: {note}", flush=True)
     n = export_weights(run_dir, target, uncut_names(run_dir))
     print(f"exported {n} tensors of {run_dir}'s latest checkpoint to {target} (torch.load + load_state_dict)")
     return 0

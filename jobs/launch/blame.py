@@ -16,6 +16,7 @@ Read from every task's stderr, never by asking submitit for results: a task kill
 
 from __future__ import annotations
 
+import os
 import re
 
 SECONDARY = (
@@ -100,8 +101,21 @@ def first_failure(texts: dict[int, str], num_tasks: int) -> str:
     return "no task wrote anything to its stderr"
 
 
+def full_disk(folder: str) -> str | None:
+    """``No space left on device`` when the disk holding ``folder`` has no free block: the ranks'
+    own error logs were to be written there, so their silence is the disk's doing."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_bavail == 0 or (st.f_files and st.f_favail == 0):
+        return f"the disk holding {folder} is full (No space left on device): free space there and resume"
+    return None
+
+
 def job_failure(job) -> str:
-    """first_failure() of a submitit job, from its tasks' stderr files."""
+    """first_failure() of a submitit job, from its tasks' stderr files; a full disk, where it is
+    why nothing useful could be written, leads."""
     texts = {}
     for i in range(job.num_tasks):
         try:
@@ -109,4 +123,8 @@ def job_failure(job) -> str:
                 texts[i] = f.read()
         except OSError:
             continue
-    return first_failure(texts, job.num_tasks)
+    found = first_failure(texts, job.num_tasks)
+    disk = full_disk(str(job.paths.folder)) if hasattr(job, "paths") else None
+    if disk and "No space left on device" not in found:
+        return f"{disk}; {found}"
+    return found

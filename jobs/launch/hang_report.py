@@ -13,17 +13,35 @@ import json
 import os
 import time
 
+from jobs.launch.blame import is_secondary
 
-def read_reports(run_dir: str) -> dict[int, dict]:
+WATCHDOG = "no progress for"
+"""How the watchdog's own reports begin (core.training.progress): a rank alive and silent. Any
+other reason is the error a rank raised (jobs.launch.task writes it as it fails)."""
+
+
+def read_reports(run_dir: str, since: float | None = None) -> dict[int, dict]:
+    """Every rank's report; with ``since``, only those written after it (a resumed run's folder
+    still holds the previous attempt's)."""
     out = {}
     for path in glob.glob(os.path.join(run_dir, "hang", "rank-*.json")):
         try:
             with open(path) as f:
                 r = json.load(f)
-            out[int(r["rank"])] = r
-        except (OSError, ValueError, KeyError):
+            if since is None or r["reported_at"] >= since:
+                out[int(r["rank"])] = r
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return out
+
+
+def raised(reports: dict[int, dict]) -> list[int]:
+    """Ranks that failed with an error of their own (not the watchdog's silence, not a lost peer)."""
+    return sorted(
+        rank
+        for rank, r in reports.items()
+        if r.get("reason") and not r["reason"].startswith(WATCHDOG) and not is_secondary(r["reason"])
+    )
 
 
 def _ago(t: float, now: float) -> str:
@@ -89,21 +107,43 @@ def stalled_first(reports: dict[int, dict], world_size: int) -> str | None:
     return f"rank {r['rank']}{stage} on {r['node']} stopped making progress, at step {r['step']}: {r['action']}"
 
 
-class HangWatch:
-    """Prints the table once when reports first appear while the job still runs (the watchdog
-    fires at --hang-timeout, before the collective timeout ends the job)."""
+def verdict(
+    message: str, reports: dict[int, dict], world_size: int, first_stalled: str | None = None
+) -> tuple[str, str | None]:
+    """The failure line and the table to show above it (or None). A rank that raised is told by its
+    own error (``message``, from blame), without a "no progress" table: its peers were only waiting
+    for it. Otherwise the rank that stopped first leads; ``first_stalled`` (the phrase of the first
+    table shown while the job ran) wins over the reports at the end, because a stopped rank that is
+    woken (Slurm's SIGCONT as the step ends) writes a fresh report and would hide behind its peers."""
+    if not reports or raised(reports):
+        return message, None
+    stalled = first_stalled or stalled_first(reports, world_size)
+    return f"{stalled}; {message}", table(reports, world_size)
 
-    def __init__(self, run_dir: str, world_size: int, say=print) -> None:
-        self.run_dir, self.world_size, self.say = run_dir, world_size, say
+
+class HangWatch:
+    """Prints the table once when the watchdog's reports first appear while the job still runs
+    (it fires at --hang-timeout, before the collective timeout ends the job) and remembers whom it
+    named. Reports older than ``since`` (a previous attempt's) and a rank's crash are not a hang."""
+
+    def __init__(self, run_dir: str, world_size: int, say=print, since: float | None = None) -> None:
+        self.run_dir, self.world_size, self.say, self.since = run_dir, world_size, say, since
         self.shown = 0
         self.checked = 0.0
+        self.first_stalled: str | None = None
+
+    def new_attempt(self) -> None:
+        """The job was requeued: what the ended attempt's ranks reported is no longer news."""
+        self.since, self.shown, self.first_stalled = time.time(), 0, None
 
     def tick(self) -> None:
         if time.time() - self.checked < 2.0:
             return
         self.checked = time.time()
-        reports = read_reports(self.run_dir)
-        if reports and len(reports) > self.shown:
+        reports = read_reports(self.run_dir, self.since)
+        if reports and len(reports) > self.shown and not raised(reports):
             self.shown = len(reports)
+            if self.first_stalled is None:
+                self.first_stalled = stalled_first(reports, self.world_size)
             self.say(f"no progress: what each rank is doing (reports in {self.run_dir}/hang/)")
             self.say(table(reports, self.world_size))

@@ -108,8 +108,18 @@ class SlurmWatch:
     ``poll()`` returns the last known answer; ``ended_for`` how long Slurm has said the job is over
     (or forgotten), 0 while it is active or while nothing is known."""
 
-    def __init__(self, job_id: str, say: Callable[[str], None], every_s: float = 3.0, remind_s: float = 60.0):
+    def __init__(
+        self,
+        job_id: str,
+        say: Callable[[str], None],
+        every_s: float = 3.0,
+        remind_s: float = 60.0,
+        on_requeue: Callable[[int], None] | None = None,
+    ):
         self.job_id, self.say = job_id, say
+        self.on_requeue = on_requeue
+        """Called with the attempt that ended when the job goes from running back to the queue."""
+        self.attempts = 1
         self.every_s, self.remind_s = every_s, remind_s
         self.started = time.time()
         self.last = SlurmAnswer(True, "PENDING")
@@ -146,6 +156,12 @@ class SlurmWatch:
                 f"job {self.job_id} is {a.state or 'no longer known'}"
             )
             self.silent_since = None
+        if a.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") and self.last.state in ("RUNNING", "COMPLETING"):
+            # back in the queue after running: a requeue (--max-retries), not a first wait
+            self.attempts += 1
+            self.reason_shown = None
+            if self.on_requeue is not None:
+                self.on_requeue(self.attempts - 1)
         if a.state == "PENDING":
             if a.reason and a.reason != self.reason_shown:
                 self.reason_shown = a.reason
@@ -230,7 +246,12 @@ def _a_task_died(job, seen_all: list[bool]) -> bool:
 
 
 class JobFailed(RuntimeError):
-    """The job ended without results; the message is the one line the user gets."""
+    """The job ended without results; the message is the one line the user gets. ``cancelled``:
+    Slurm says it was cancelled (scancel), which is said as such, not as a failure."""
+
+    def __init__(self, message: str, cancelled: bool = False) -> None:
+        super().__init__(message)
+        self.cancelled = cancelled
 
 
 def slurm_results_written(job) -> bool:
@@ -259,14 +280,36 @@ def wait_for(
     echo: bool = True,
     say: Callable[[str], None] = print,
     on_tick: Callable[[], None] | None = None,
+    on_requeue: Callable[[], None] | None = None,
 ) -> list:
     """Follow ``job`` to its end: the tasks' return values, or JobFailed naming the rank (and the
     node, jobs.launch.nodes) that failed first."""
     slurm = cluster == "slurm"
-    watch = SlurmWatch(str(job.job_id), say) if slurm else None
+
+    def requeued(attempt: int) -> None:
+        retries = getattr(cfg, "max_retries", None)
+        of = f" of at most {retries + 1}" if retries is not None else ""
+        why = job_failure(job)
+        # the failing rank usually says it itself (jobs.launch.task: "rank 1 failed (...); job requeued,
+        # attempt 2 of at most 3, ..."): quoted as it is, not wrapped in a second account of it
+        own = re.match(r"rank (\d+): (rank \1 failed .*job requeued.*)", why)
+        if own:
+            say(f"job {job.job_id} requeued after attempt {attempt}: {own.group(2)}")
+        else:
+            say(
+                f"job {job.job_id} requeued after attempt {attempt}{of}, which failed: {why}; "
+                f"attempt {attempt + 1} resumes from the last checkpoint"
+            )
+        if on_requeue is not None:
+            on_requeue()
+
+    watch = SlurmWatch(str(job.job_id), say, on_requeue=requeued) if slurm else None
 
     def vanished(a: SlurmAnswer) -> None:
-        raise JobFailed(f"Slurm reports {a.state or 'no such job'} and no result was written; {job_failure(job)}")
+        cancelled = (a.state or "").startswith("CANCELLED")
+        raise JobFailed(
+            f"Slurm reports {a.state or 'no such job'} and no result was written; {job_failure(job)}", cancelled
+        )
 
     failed_since: list[float] = []
     all_seen = [False]
@@ -294,7 +337,7 @@ def wait_for(
         )
         return slurm_results(job) if slurm else job.results()
     except JobFailed as e:
-        raise JobFailed(explain_failure(job, str(e), cfg) if slurm else str(e)) from None
+        raise JobFailed(explain_failure(job, str(e), cfg) if slurm else str(e), e.cancelled) from None
     except Exception:  # a task's error re-raised by submitit: the first failing rank, in its words
         why = job_failure(job)
         raise JobFailed(explain_failure(job, why, cfg) if slurm else why) from None

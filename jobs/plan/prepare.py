@@ -14,8 +14,11 @@ import shutil
 from dataclasses import dataclass
 
 from core.config import ConfigError, RunConfig, existing_parent
-from core.models import build_model
+from core.data import DataError, Dataset, download_mnist, load_dataset, load_mnist
+from core.files import torch_load
+from core.models import build_model, describe
 from core.models.base import to_block_names
+from core.models.registry import dataset_factory, one_line, where
 from core.parallel.layout import Layout
 from jobs.plan import containers
 from jobs.plan.cluster import resolve_cluster
@@ -58,7 +61,8 @@ def check_host(plan: LaunchPlan, cuda_count: int) -> None:
     if plan.cluster == "local":
         if plan.device == "cuda" and layout.gpus_per_node > cuda_count:
             raise ConfigError(
-                f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus or submit to Slurm"
+                f"--gpus {cfg.gpus} asked, but this host has {cuda_count} GPU(s): lower --gpus, add --device cpu "
+                "(the same layout on CPU processes), or submit to Slurm"
             )
         if cfg.nodes > 1:
             raise ConfigError(
@@ -97,24 +101,42 @@ def run_folder(cfg: RunConfig, resuming: bool = False) -> str:
 
 
 def fetch_data(cfg: RunConfig) -> str | None:
-    """MNIST is fetched here, on the submitting host: a compute node never downloads. A batch
-    larger than the training split is refused here, before any rank starts."""
-    if cfg.resolved_dataset != "mnist":
-        return None
-    from core.data import download_mnist, load_mnist
-
-    why = download_mnist(cfg.data_dir) if os.access(existing_parent(cfg.data_dir), os.W_OK) else "read-only"
-    if why:
-        print(f"note: MNIST could not be downloaded into {cfg.data_dir} ({why})", flush=True)
-    data = load_mnist(cfg.data_dir)
+    """The data is fetched (MNIST: downloaded) and made here, on the submitting host: a compute node
+    never downloads, a dataset factory that fails says so in one line, and a batch larger than the
+    training split (after --train-samples) is refused here, before any rank starts."""
+    if cfg.resolved_dataset == "mnist":
+        why = download_mnist(cfg.data_dir) if os.access(existing_parent(cfg.data_dir), os.W_OK) else "read-only"
+        if why:
+            print(f"note: MNIST could not be downloaded into {cfg.data_dir} ({why})", flush=True)
+        data = load_mnist(cfg.data_dir)  # the count is the model's too: resizing keeps every image
+    else:
+        data = make_dataset(cfg)
+    n = len(data.train.head(cfg.train_samples))
     per_step = cfg.resolved_batch_size * cfg.grad_accum
-    if per_step > len(data.train):
+    if per_step > n:
+        cut = f" (--train-samples {cfg.train_samples})" if n < len(data.train) else ""
         raise ConfigError(
             f"--batch-size {cfg.resolved_batch_size} x --grad-accum {cfg.grad_accum} is more than the "
-            f"{len(data.train):,} training digits ({data.description}): lower --batch-size"
+            f"{n:,} training samples{cut} ({data.description}): lower --batch-size"
         )
+    if cfg.resolved_dataset != "mnist":
+        return None
     print(f"data: {data.description}", flush=True)
     return data.description
+
+
+def make_dataset(cfg: RunConfig) -> Dataset:
+    """Call the dataset's factory once, as a rank will (with the model built on the meta device:
+    shapes only): whatever it raises becomes one line naming its file."""
+    name = cfg.resolved_dataset
+    try:
+        return load_dataset(describe(cfg.model, cfg.flavor), name, cfg.data_dir, cfg.seed, cfg.resolved_batch_size)
+    except (ConfigError, DataError):
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"--dataset {name}: the factory failed at {where(e, dataset_factory(name))}: {one_line(e)}"
+        ) from None
 
 
 def note_oversubscription(plan: LaunchPlan) -> None:
@@ -140,9 +162,9 @@ def check_init_from(cfg: RunConfig) -> None:
     if not os.path.isfile(path):
         raise ConfigError(f"--init-from {path} is not a file: give a state dict written by --export or torch.save")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or not a plain state dict
-        raise ConfigError(f"--init-from {path} is not a plain state dict ({type(e).__name__}): use --export") from None
+        saved = torch_load(path)
+    except ConfigError as e:  # unreadable, not a torch file, or more than tensors (weights only)
+        raise ConfigError(f"--init-from {e}: give a state dict written by --export") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"--init-from {path} holds a {type(saved).__name__}, not a state dict: use --export")
     with torch.device("meta"):  # names and shapes only: no memory for the weights

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -65,6 +66,10 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
             out[key] = float(value)
         except ValueError:
             raise ValueError(f"--threshold {key} needs a number (got {value!r})") from None
+        # a nan compares false with everything and a negative floor is always met: either would
+        # switch the check off without saying so
+        if not math.isfinite(out[key]) or out[key] < 0:
+            raise ValueError(f"--threshold {key} must be a finite number, 0 or more (got {value!r})")
     return out
 
 
@@ -315,6 +320,8 @@ def run_validate(cfg, threshold_items: list[str], dry_run: bool = False) -> int:
         overrides = parse_thresholds(threshold_items)
     except ValueError as e:
         return fail(str(e))
+    if cfg.gpus < 1:  # said before the batch size is derived from it, which would name --batch-size
+        return fail(f"--gpus must be at least 1 (got {cfg.gpus}): --validate runs one process per device")
     # one process per device, no model: the dp layout has exactly that shape (N / K per node)
     cfg = dataclasses.replace(
         cfg,
