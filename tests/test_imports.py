@@ -22,10 +22,8 @@ FUNCTION_LEVEL = {
     ("jobs.plan.strategies", "tp.build"): "load the chosen style only",
     # a pipeline without --tp never loads tensor parallelism
     ("pp.pipeline", "tp"): "tensor parallel inside stages is optional",
-    # no cycle behind these; they can move to the top of their modules
-    ("core.check.reference", "core.parallel.data_parallel"): "movable",
-    ("core.parallel.contract", "core.parallel.partition"): "movable",
-    ("jobs.plan.prepare", "jobs.launch.run_folder"): "movable",
+    # the plan reads which files a run folder holds from the launch room, the one upward name
+    ("jobs.plan.prepare", "jobs.launch.run_folder"): "the run folder's file names",
 }
 
 

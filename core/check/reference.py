@@ -27,14 +27,13 @@ from torch import nn
 
 from core.config import RunConfig
 from core.models.base import batch_coupled, held_buffers
+from core.parallel.data_parallel import replicate_over_dp
 from core.parallel.distributed import DistState, all_max, full_tensor, gather_named, worst_across
 from core.training.strategy import Built, single_device_build
 
 
 def build_reference(model: nn.Module, cfg: RunConfig, state: DistState) -> Built:
     """--strategy reference (and dp): the whole model on this process's device, one replica of --dp."""
-    from core.parallel.data_parallel import replicate_over_dp
-
     return single_device_build(model, cfg, state.device, wrap=lambda m: replicate_over_dp(m, state))
 
 

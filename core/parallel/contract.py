@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from core.config import ConfigError, RunConfig
 from core.models.base import BlockModel, tied_groups
+from core.parallel.partition import stage_blocks
 
 
 def stages_of(names: list[list[str]]) -> dict[str, int]:
@@ -42,8 +43,6 @@ def tie_refusal(model: BlockModel, names: list[list[str]] | None, model_name: st
 
 def check_cut(model: BlockModel, cfg: RunConfig, stages: int) -> None:
     """The host-side checks for mp and pp (ConfigError: one line, exit 2)."""
-    from core.parallel.partition import stage_blocks
-
     if cfg.strategy == "pp" and type(model).forward is not BlockModel.forward:
         raise ConfigError(
             f"--model {cfg.model} overrides forward(): a pipeline stage runs only its blocks, in order, so "
