@@ -81,23 +81,28 @@ def test_sbatch_rejection_is_one_line_with_sbatchs_reason(slurm, tmp_path, case)
 
 
 def test_failing_ranks_are_reported_with_their_own_exception(slurm, tmp_path):
-    p = submit(
-        slurm,
-        tmp_path,
+    # a rank that raises in the job (the test-only injected fault: what the submitting host can see,
+    # such as a batch larger than the training split, is refused before anything is queued)
+    p = run_submit(
+        "--cluster",
+        "slurm",
         "--strategy",
         "pp",
         "--gpus",
         "2",
         "--model",
         "delay",
-        "--train-samples",
-        "4",
+        "--steps",
+        "2",
         "--out",
         str(tmp_path / "run"),
+        cwd=tmp_path,
+        timeout=300,
+        env={**slurm.environ(), "MPS_FAULT": "crash:rank=1:step=1"},
     )
     err = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(err) == 1, p.stderr
-    assert "ValueError" in err[0] and "training samples" in err[0]
+    assert "InjectedFaultError" in err[0] and "rank 1" in err[0], err[0]
     print(f"failing rank: {p.seconds:.1f} s: {err[0]}")
 
 

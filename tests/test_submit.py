@@ -213,7 +213,8 @@ def test_mp_job_through_submitit_writes_result_with_passed_check(tmp_path):
 def test_a_failing_rank_is_reported_in_one_line(tmp_path):
     """A job whose task raises ends with exit 1 and that task's own exception, not a traceback."""
     out = tmp_path / "run"
-    # --train-samples smaller than one batch: the job itself fails (after submission, by design)
+    # what the submitting host can see is refused before submission; a rank that raises in the job
+    # is the test-only injected fault (core/training/faults.py)
     p = run_submit(
         "--strategy",
         "pp",
@@ -223,17 +224,17 @@ def test_a_failing_rank_is_reported_in_one_line(tmp_path):
         "delay",
         "--steps",
         2,
-        "--train-samples",
-        4,
         "--cluster",
         "local",
         "--out",
         out,
         cwd=tmp_path,
+        env=dict(os.environ, MPS_FAULT="crash:rank=0:step=1"),
     )
     assert p.returncode == 1
     err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "ValueError" in err[0] and "training samples" in err[0], p.stderr
+    assert len(err) == 1 and "InjectedFaultError" in err[0] and "rank 0" in err[0], p.stderr
+    assert "stopped making progress" not in p.stdout + p.stderr  # a crash, not a hang
 
 
 def test_resume_takes_layout_flags_and_refuses_another_model(tmp_path, capsys):
