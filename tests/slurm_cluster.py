@@ -9,6 +9,7 @@ SLURM_CONF, which ``environ()`` returns.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -16,6 +17,12 @@ import subprocess
 import time
 
 from jobs.launch.executor import free_port
+
+# Each throwaway cluster numbers its jobs from its own start: submitit derives a job's rendezvous
+# port from the job id, so two clusters' job 1 (one still tearing down, or a container whose
+# ranks outlive its srun for a moment) asked for the same port (EADDRINUSE in CI). Below the
+# multi-node clusters' 500,000.
+_FIRST_JOB_IDS = itertools.count(1000 + 10_000 * (os.getpid() % 7), 1000)
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
 MISSING_REASON = "Slurm daemons not installed: apt-get install slurmctld slurmd slurm-client munge (.ci/run does)"
@@ -87,7 +94,7 @@ class SlurmCluster:
                 os.symlink("/dev/null", link)
         sock = os.path.join(f, "munge.sock")
         conf = (
-            common_slurm_conf("mpstest", self.host, sock, first_job_id=1)
+            common_slurm_conf("mpstest", self.host, sock, first_job_id=next(_FIRST_JOB_IDS))
             + f"""StateSaveLocation={f}/state
 SlurmdSpoolDir={f}/spool
 SlurmctldPidFile={f}/slurmctld.pid
