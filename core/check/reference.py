@@ -201,19 +201,12 @@ class ParityChecker:
     def sync_weights(self, built: Built) -> None:
         """After both optimizer steps: compare the updated parameters this rank holds, then take
         all of the style's new weights, every rank's (a collective: every rank calls it)."""
-        ref_params = dict(self.ref.params)
-        worst, worst_name = 0.0, ""
-        held = {name: full_tensor(p).detach().cpu() for name, p in built.params}
-        for name, new in held.items():
-            d = update_rel_diff(new, ref_params[name].detach().cpu(), self._before[name])
-            if d > worst:
-                worst, worst_name = d, name
         # every parameter, also those other ranks hold: left to the copy's own updates they drift
         # from the style's by rounding, and after 30 steps that drift alone moved mnist-cnn's conv1
         # gradient on rank 0 by 1.4e-4 (pp 3, split 1,1,4, step 31 of the quick start)
-        for name, new in gather_named(held).items():
-            ref_params[name].copy_(new.to(ref_params[name].device))
-        worst, worst_name = worst_across(worst, worst_name)
+        worst, worst_name = _compare_then_take(
+            built.params, self.ref.params, lambda name, new, ref: update_rel_diff(new, ref, self._before[name])
+        )
         if worst > self.summary.max_param_rel_diff:
             self.summary.max_param_rel_diff, self.summary.worst_param_after_step = worst, worst_name
         self._sync_buffers(built)
@@ -223,16 +216,24 @@ class ParityChecker:
         """Compare the buffers this rank holds with the copy's, then give the copy all of them."""
         if not self.ref.buffers:  # the whole model's: the same answer on every rank
             return
-        ref_buffers = dict(self.ref.buffers)
-        self.summary.buffers = len(ref_buffers)
-        worst, worst_name = 0.0, ""
-        held = {name: full_tensor(b).detach().cpu() for name, b in built.buffers}
-        for name, b in held.items():
-            d = buffer_rel_diff(b, ref_buffers[name].detach().cpu())
-            if d > worst:
-                worst, worst_name = d, name
-        for name, b in gather_named(held).items():
-            ref_buffers[name].copy_(b.to(ref_buffers[name].device))
-        worst, worst_name = worst_across(worst, worst_name)
+        self.summary.buffers = len(self.ref.buffers)
+        worst, worst_name = _compare_then_take(
+            built.buffers, self.ref.buffers, lambda name, held, ref: buffer_rel_diff(held, ref)
+        )
         if worst > self.summary.max_buffer_rel_diff:
             self.summary.max_buffer_rel_diff, self.summary.worst_buffer = worst, worst_name
+
+
+def _compare_then_take(held: list, ref: list, diff) -> tuple[float, str]:
+    """The worst ``diff(name, style's, copy's)`` over the tensors this rank holds, across ranks;
+    then the copy takes every rank's tensors (a collective: every rank calls it)."""
+    ref_named = dict(ref)
+    mine = {name: full_tensor(t).detach().cpu() for name, t in held}
+    worst, worst_name = 0.0, ""
+    for name, t in mine.items():
+        d = diff(name, t, ref_named[name].detach().cpu())
+        if d > worst:
+            worst, worst_name = d, name
+    for name, t in gather_named(mine).items():
+        ref_named[name].copy_(t.to(ref_named[name].device))
+    return worst_across(worst, worst_name)
