@@ -429,15 +429,8 @@ def export_weights(run_dir: str, target: str, names: dict[str, str] | None = Non
     (torch.save), loadable with ``model.load_state_dict(torch.load(target), strict=True)`` into the
     uncut model; ``names`` renames keys to that model's (BlockModel.uncut_names). Returns the
     tensor count."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     folder = os.path.join(run_dir, "checkpoint", choose_checkpoint(run_dir)[0]["folder"])
-    with tempfile.TemporaryDirectory() as tmp:
-        whole = os.path.join(tmp, "whole.pt")
-        dcp_to_torch_save(folder, whole)
-        sd = torch.load(whole, weights_only=False)
+    sd = checkpoint_io.read_whole(folder)
     model = sd["model"] if "model" in sd else {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     names = names or {}
     model = {names.get(k, k): v.detach().cpu().contiguous() for k, v in model.items()}

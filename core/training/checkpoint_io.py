@@ -1,26 +1,25 @@
 """How checkpoint bytes move: host staging reused across saves, parallel DCP writes, one background writer.
 
-Where a save's time went before (gpt 356m, one H200, 4.56 GiB): DCP's writer copied each CUDA
+Where a save's time went at first (gpt 356m, one H200, 4.56 GiB): DCP's writer copied each CUDA
 tensor to pageable host memory (1.1-1.3 GiB/s), ran torch.save's CRC32 over every byte on one
 thread, and wrote on that same thread, all in series. Here the state is first copied into host
 buffers allocated once (pinned on CUDA: the copy runs at tens of GiB/s), then written by several
-threads, one file each (``FileSystemWriter(thread_count=N, single_file_per_rank=True)``, one fsync
-per file), with torch.save's CRC32 off: DCP's metadata already records every item's offset and
-length, and the bytes are fsynced, so the checksum bought nothing but a second pass over the data.
+threads, one file each, one fsync per file, each tensor as its own bytes straight from the staged
+block (``raw_tensor_files``: no per-tensor archive, no second copy); a load reads each file on its
+own thread straight into the tensors that receive it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from core.training.raw_tensor_files import RawReader, RawWriter
 
 WRITE_THREADS = 4
 """Files (and threads) per rank: enough to keep a local NVMe or a parallel file system busy; more
@@ -146,43 +145,28 @@ def _pin_in_one_block(buffers: dict) -> Callable[[], None]:
     return lambda: cudart.cudaHostUnregister(block.data_ptr())
 
 
-_crc_lock = threading.Lock()
-_crc_off = 0
-
-
-@contextlib.contextmanager
-def crc_off() -> Iterator[None]:
-    """torch.save without its CRC32 pass (a process-wide switch, counted so that overlapping saves
-    restore it once; torch.load reads such files as usual)."""
-    global _crc_off
-    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
-    save_cfg = getattr(config, "save", None)
-    if save_cfg is None or not hasattr(save_cfg, "compute_crc32"):
-        yield  # an older torch: keep its default
-        return
-    with _crc_lock:
-        _crc_off += 1
-        save_cfg.compute_crc32 = False
-    try:
-        yield
-    finally:
-        with _crc_lock:
-            _crc_off -= 1
-            if _crc_off == 0:
-                save_cfg.compute_crc32 = True
-
-
 def write(state: dict, path: str, group: object | None, threads: int = WRITE_THREADS) -> None:
-    """``dcp.save`` of host tensors into ``path``: ``threads`` files per rank, each fsynced once."""
-    writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=threads)
-    with crc_off():
-        # dcp.save looked up at call time: tests replace it to kill a rank inside a save
-        dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _dist_on())
+    """``dcp.save`` of host tensors into ``path``: ``threads`` files per rank, each tensor written as
+    its own bytes from where it lies, each file fsynced once."""
+    # dcp.save looked up at call time: tests replace it to kill a rank inside a save
+    dcp.save(state, storage_writer=RawWriter(path, threads), process_group=group, no_dist=not _dist_on())
 
 
-def read(state: dict, path: str) -> None:
-    """``dcp.load`` into ``state`` (host buffers or the live tensors)."""
-    dcp.load(state, storage_reader=FileSystemReader(path), no_dist=not _dist_on())
+def read(state: dict, path: str, threads: int = WRITE_THREADS) -> None:
+    """``dcp.load`` into ``state`` (host buffers or the live tensors), one reading thread per file."""
+    dcp.load(state, storage_reader=RawReader(path, threads), no_dist=not _dist_on())
+
+
+def read_whole(path: str) -> dict:
+    """Every tensor and value of the checkpoint in ``path`` as one nested plain state dict, in the
+    shapes they had as a whole (the shards put together): what ``--export`` writes."""
+    # torch's own dcp_to_torch_save does exactly this, with its stock reader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    whole: dict = {}
+    _load_state_dict(whole, storage_reader=RawReader(path, WRITE_THREADS), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return whole
 
 
 def _dist_on() -> bool:
