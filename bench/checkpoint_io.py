@@ -35,6 +35,7 @@ from core.models.gpt import GPT_FLAVORS  # noqa: E402
 from core.parallel.distributed import init_distributed  # noqa: E402
 from core.parallel.layout import Layout  # noqa: E402
 from core.training.checkpoint import Checkpointer, _state_dicts, param_holder  # noqa: E402
+from core.training import checkpoint_io  # noqa: E402
 from core.training.checkpoint_io import folder_bytes, state_bytes  # noqa: E402
 from core.training.train import make_optimizer  # noqa: E402
 
@@ -97,7 +98,7 @@ def step_times(model, opt, x, n: int, until=None) -> list[float]:
     return out
 
 
-def measure(flavor: str, root: str, device: str, batch: int) -> dict:
+def measure(flavor: str, root: str, device: str, batch: int, threads: list[int]) -> dict:
     cfg = RunConfig(strategy="reference", model="gpt", flavor=flavor, dtype="bf16", device=device)
     state = init_distributed(Layout.from_config(cfg), device)
     torch.manual_seed(0)
@@ -114,12 +115,28 @@ def measure(flavor: str, root: str, device: str, batch: int) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     ck = Checkpointer(run, state, keep=1)
     pos = {"step": 1, "epoch": 0, "batch": 1}
-    saves = []
+    saves, inner = [], []
+    real_write = checkpoint_io.write
+
+    def timed_write(*a, **k):  # the files alone, without staging, the RNG file and the publish
+        t = time.perf_counter()
+        real_write(*a, **k)
+        inner.append(time.perf_counter() - t)
+
+    checkpoint_io.write = timed_write
     for i in range(2):  # the first allocates the host staging, the second reuses it
         t = time.perf_counter()
         folder = ck.save(params, opt, {**pos, "step": i + 1}, [0.0], cfg.to_dict())
         saves.append(time.perf_counter() - t)
+    checkpoint_io.write = real_write
     size = folder_bytes(folder)
+    files_rates = {}
+    for n in threads:  # the same staged bytes in n files per rank (n writer threads)
+        sweep = os.path.join(root, f"{flavor}-files{n}")
+        t = time.perf_counter()
+        checkpoint_io.write(ck._stage.buffers or _state_dicts(param_holder(params), opt), sweep, None, threads=n)
+        files_rates[n] = round(size / 2**30 / (time.perf_counter() - t) / row["disk_write_gib_s"], 3)
+        shutil.rmtree(sweep, ignore_errors=True)
     drop_cache(folder)
     t = time.perf_counter()
     ck.load(params, opt)
@@ -140,6 +157,8 @@ def measure(flavor: str, root: str, device: str, batch: int) -> dict:
         save_s=round(saves[1], 3),
         save_gib_s=round(gib / saves[1], 3),
         save_vs_disk=round(gib / saves[1] / row["disk_write_gib_s"], 3),
+        save_files_s=round(inner[1], 3),
+        save_files_vs_disk_by_file_count=files_rates,
         load_s=round(load_s, 3),
         load_gib_s=round(gib / load_s, 3),
         load_vs_disk=round(gib / load_s / row["disk_read_gib_s"], 3),
@@ -163,6 +182,7 @@ COLUMNS = (
     ("save_s", "save s"),
     ("save_gib_s", "GiB/s"),
     ("save_vs_disk", "x disk"),
+    ("save_files_s", "of which files s"),
     ("disk_read_gib_s", "disk read GiB/s"),
     ("load_s", "load s"),
     ("load_vs_disk", "x disk"),
@@ -178,10 +198,12 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/ckpt-bench")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--files", default="1,2,4,8", help="also write the staged state with each of these files-per-rank counts")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "checkpoint_io.json"))
     a = ap.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    rows = [measure(f, a.dir, a.device, a.batch) for f in a.flavors.split(",")]
+    files = [int(n) for n in a.files.split(",") if n]
+    rows = [measure(f, a.dir, a.device, a.batch, files) for f in a.flavors.split(",")]
     print("| " + " | ".join(h for _, h in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for r in rows:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 import pytest
 
+from core.training import faults
 from core.training.stop import PREEMPT, STOP, StopRequest
 from core.training.train import Preempted, run
 from jobs.plan.strategies import get_build
@@ -23,13 +23,17 @@ def test_sigusr2_checkpoint_and_resume_is_bit_for_bit(tmp_path):
 
     stop = StopRequest()
     stop.install()
-    timer = threading.Timer(0.8, lambda: os.kill(os.getpid(), signal.SIGUSR2))  # a real signal, mid-run
-    timer.start()
+
+    def signal_at_step_10(rank: int, step: int) -> None:  # a real signal, mid-run, whatever the host's speed
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    real, faults.maybe_fail = faults.maybe_fail, signal_at_step_10
     try:
         with pytest.raises(Preempted):
             run(c, one_process(c), get_build("mp"), out_dir=str(tmp_path), dataset=data, stop=stop)
     finally:
-        timer.cancel()
+        faults.maybe_fail = real
         stop.restore()
     assert stop.agreed_kind == PREEMPT  # USR2: the job is to be requeued, not ended
     assert (tmp_path / "checkpoint" / "latest.json").exists()
