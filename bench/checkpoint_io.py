@@ -34,8 +34,8 @@ from core.models import build_model  # noqa: E402
 from core.models.gpt import GPT_FLAVORS  # noqa: E402
 from core.parallel.distributed import init_distributed  # noqa: E402
 from core.parallel.layout import Layout  # noqa: E402
-from core.training.checkpoint import Checkpointer, _state_dicts, param_holder  # noqa: E402
 from core.training import checkpoint_io  # noqa: E402
+from core.training.checkpoint import Checkpointer, _state_dicts, param_holder  # noqa: E402
 from core.training.checkpoint_io import folder_bytes, state_bytes  # noqa: E402
 from core.training.train import make_optimizer  # noqa: E402
 
@@ -198,7 +198,9 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/ckpt-bench")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--files", default="1,2,4,8", help="also write the staged state with each of these files-per-rank counts")
+    ap.add_argument(
+        "--files", default="1,2,4,8", help="also write the staged state with each of these files-per-rank counts"
+    )
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "checkpoint_io.json"))
     a = ap.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")

@@ -106,8 +106,10 @@ def test_tensors_are_written_as_their_own_bytes_and_read_back_into_any_layout(tm
     index = FileSystemReader(folder).read_metadata().storage_data
     assert sum(RAW in (i.transform_descriptors or ()) for i in index.values()) == 3
 
-    back = {"model": {"w": torch.zeros(40, 30), "b": torch.zeros(40, dtype=torch.bfloat16)},
-            "optim": {"step": torch.tensor(0.0), "lr": 0.0}}
+    back = {
+        "model": {"w": torch.zeros(40, 30), "b": torch.zeros(40, dtype=torch.bfloat16)},
+        "optim": {"step": torch.tensor(0.0), "lr": 0.0},
+    }
     checkpoint_io.read(back, folder)
     assert torch.equal(back["model"]["w"], state["model"]["w"]) and torch.equal(back["model"]["b"], state["model"]["b"])
     assert back["optim"]["step"].item() == 7.0 and back["optim"]["lr"] == 0.5

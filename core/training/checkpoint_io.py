@@ -165,7 +165,9 @@ def read_whole(path: str) -> dict:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     whole: dict = {}
-    _load_state_dict(whole, storage_reader=RawReader(path, WRITE_THREADS), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(
+        whole, storage_reader=RawReader(path, WRITE_THREADS), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
     return whole
 
 

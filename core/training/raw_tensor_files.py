@@ -24,11 +24,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from torch.futures import Future
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 RAW = "raw-bytes"
 """The index's mark on an item stored as its tensor's bytes, row-major, no header."""
@@ -146,7 +146,9 @@ class RawReader(FileSystemReader):
             super().read_data(dataclasses.replace(plan, items=other), planner).wait()
         if raw:
             with ThreadPoolExecutor(min(self.threads, len(raw)), thread_name_prefix="checkpoint-read") as pool:
-                list(pool.map(lambda kv: self._read_file(kv[0], sorted(kv[1], key=lambda r: r[0]), planner), raw.items()))
+                list(
+                    pool.map(lambda kv: self._read_file(kv[0], sorted(kv[1], key=lambda r: r[0]), planner), raw.items())
+                )
         fut: Future = Future()
         fut.set_result(None)
         return fut
@@ -160,7 +162,9 @@ class RawReader(FileSystemReader):
                 dtype, sizes = self._chunks[(idx.fqn, tuple(idx.offset))]
                 target = planner.resolve_tensor(req).detach()
                 if tuple(target.shape) != tuple(req.lengths):
-                    raise ValueError(f"{path}: {idx.fqn} is {tuple(req.lengths)} in the checkpoint, {tuple(target.shape)} here")
+                    raise ValueError(
+                        f"{path}: {idx.fqn} is {tuple(req.lengths)} in the checkpoint, {tuple(target.shape)} here"
+                    )
                 whole = tuple(req.lengths) == sizes and not any(req.storage_offsets)
                 if whole and target.is_cpu and target.is_contiguous() and target.dtype == dtype:
                     _read_exact(fd, _bytes_of(target), offset, path)
