@@ -218,6 +218,8 @@ class Checkpointer:
         self._deleter: ThreadPoolExecutor | None = None
         """Deletes pruned checkpoints off the save's path (joined at exit, like every pool)."""
         self.load_s: float | None = None
+        self.load_files_s: float | None = None
+        """Of the load, the reading of the files (the rest: planning, the copy to the device)."""
 
     def exists(self) -> bool:
         # a broken checkpoint with no intact one beside it raises (naming the file) rather than
@@ -237,6 +239,7 @@ class Checkpointer:
             "pause_s": [round(s["pause_s"], 3) for s in done],
             "background": [s["background"] for s in done],
             "load_s": None if self.load_s is None else round(self.load_s, 3),
+            "load_files_s": None if self.load_files_s is None else round(self.load_files_s, 3),
             # where each save's time went: state dict assembly, the host copy, the files, the publish
             "phases_s": {k: [round(s["phases"].get(k, 0.0), 3) for s in done] for k in PHASES},
             "host_staging_bytes": self._stage.nbytes,
@@ -291,15 +294,9 @@ class Checkpointer:
             self.log(f"checkpoint: waiting for the write of step {self._pending[2]} before saving step {step}")
         self.finish()
         name = f"step-{step:08d}"
-        partial = os.path.join(self.dir, name + ".partial")
-        if self.state.is_main:
-            shutil.rmtree(partial, ignore_errors=True)  # a save that died earlier at this step
-            os.makedirs(partial)
-        _barrier()
-        rng = {"cpu": torch.get_rng_state()}
+        rng = {"cpu": torch.get_rng_state()}  # copies, taken now: training moves them on
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, os.path.join(partial, f"rng-rank{self.state.rank}.pt"))
         meta = {
             "position": position,
             "losses": losses,
@@ -322,19 +319,27 @@ class Checkpointer:
         if background:
             group = self._background_group()
             self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
-            future = self._pool.submit(self._write_and_publish, data, name, meta, group, record, t0)
+            future = self._pool.submit(self._write_and_publish, data, rng, name, meta, group, record, t0)
             self._pending = (future, name, step)
             record["pause_s"] = time.perf_counter() - t0
             return os.path.join(self.dir, name)
-        final = self._write_and_publish(data, name, meta, None, record, t0)
+        final = self._write_and_publish(data, rng, name, meta, None, record, t0)
         record["pause_s"] = record["save_s"]
         return final
 
-    def _write_and_publish(self, data: dict, name: str, meta: dict, group, record: dict, t0: float) -> str:
+    def _write_and_publish(self, data: dict, rng: dict, name: str, meta: dict, group, record: dict, t0: float) -> str:
         """The files, then the publish: in the writer thread for a background save (its collectives
-        on the group of its own), in line for a blocking one (``group`` None: the default group)."""
+        on the group of its own), in line for a blocking one (``group`` None: the default group).
+        Every file system call is here, so a background save's pause is the host copy alone (a
+        small write can wait seconds behind a disk busy trimming a pruned checkpoint)."""
         t = time.perf_counter()
-        checkpoint_io.write(data, os.path.join(self.dir, name + ".partial"), group)
+        partial = os.path.join(self.dir, name + ".partial")
+        if self.state.is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # a save that died earlier at this step
+            os.makedirs(partial)
+        _barrier(group)
+        torch.save(rng, os.path.join(partial, f"rng-rank{self.state.rank}.pt"))
+        checkpoint_io.write(data, partial, group)
         record["phases"]["files_s"] = time.perf_counter() - t
         t = time.perf_counter()
         final = self._publish(name, meta, group, record)
@@ -412,10 +417,14 @@ class Checkpointer:
         state = _state_dicts(holder, opt)
         if staged and self._stage.pinned and self._staging_fits(state):
             host, _ = self._stage.ensure(state)
+            t = time.perf_counter()
             checkpoint_io.read(host, folder)
+            self.load_files_s = time.perf_counter() - t
             state = self._stage.restore(host, state)
         else:
+            t = time.perf_counter()
             checkpoint_io.read(state, folder)
+            self.load_files_s = time.perf_counter() - t
         # the saved param groups carry the saving run's kernel choice (fused on plain CUDA tensors);
         # this layout's optimizer keeps its own (fused refuses TP's mix of DTensors and tensors)
         kernels = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in opt.param_groups]
