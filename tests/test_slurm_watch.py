@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -121,3 +122,23 @@ def test_a_rank_stopped_under_slurm_stays_named_after_slurms_sigcont(slurm, tmp_
     assert woken["reported_at"] > stopped + 4, woken
     print(f"SIGSTOP under Slurm: {time.time() - t0:.1f} s: {line}")
 
+
+def test_scancel_of_a_running_job_is_told_as_cancelled(slurm, tmp_path):
+    """scancel sends the ranks SIGTERM: they stop at a step boundary and write their error results.
+    The job is said to have been cancelled, not to have failed; exit 1."""
+    out = tmp_path / "run"
+    t0 = time.time()
+    p = start_submit(*PP, "--steps", "100000", "--out", out, cwd=tmp_path, env=slurm.environ())
+    try:
+        log = rank0_log(str(out))
+        wait_for_text(log, "step 1/")
+        job_id = os.path.basename(log).split("_")[0]
+        subprocess.run(["scancel", job_id], env=slurm.environ(), check=True, timeout=30)
+        stdout, stderr = p.communicate(timeout=200)
+    finally:
+        p.kill()
+    assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: job {job_id} was cancelled"), line
+    assert "failed" not in line.split(":")[1], line
+    print(f"scancel: {time.time() - t0:.1f} s: {line}")

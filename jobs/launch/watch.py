@@ -340,4 +340,21 @@ def wait_for(
         raise JobFailed(explain_failure(job, str(e), cfg) if slurm else str(e), e.cancelled) from None
     except Exception:  # a task's error re-raised by submitit: the first failing rank, in its words
         why = job_failure(job)
-        raise JobFailed(explain_failure(job, why, cfg) if slurm else why) from None
+        if not slurm:
+            raise JobFailed(why) from None
+        # scancel: the ranks stop on its SIGTERM and write their errors before Slurm ends the job
+        state = final_state(str(job.job_id))
+        raise JobFailed(explain_failure(job, why, cfg), state.startswith("CANCELLED")) from None
+
+
+def final_state(job_id: str, within_s: float = 40.0) -> str:
+    """Slurm's state for a job whose ranks have all ended, once it is no longer active (COMPLETING
+    lasts until the step's processes are gone: KillWait at most); "" when it does not say in time."""
+    deadline = time.time() + within_s
+    while True:
+        a = query_job(job_id)
+        if a.answered and a.state and a.state.split()[0].rstrip("+") not in ACTIVE:
+            return a.state
+        if time.time() > deadline:
+            return ""
+        time.sleep(1.0)
