@@ -4,6 +4,7 @@ named, Ctrl-C and SIGTERM stop with a checkpoint and one line, a run folder belo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -313,9 +314,15 @@ def test_a_requeue_says_the_error_that_caused_it_and_the_attempt(tmp_path, monke
     job.task = lambda i: SimpleNamespace(
         paths=SimpleNamespace(stderr=tmp_path / f"{i}.err", stdout=tmp_path / "0.out", result_pickle=tmp_path / "r")
     )
-    answers = iter(["RUNNING", "PENDING", "RUNNING", "COMPLETED"])
-    monkeypatch.setattr(watch, "query_job", lambda job_id: watch.SlurmAnswer(True, next(answers), "BeginTime", "vm"))
-    monkeypatch.setattr(watch, "slurm_results_written", lambda job: False)
+    answers = itertools.chain(["RUNNING", "PENDING", "RUNNING"], itertools.repeat("FAILED"))
+    asked = []
+
+    def query(job_id):
+        asked.append(job_id)
+        return watch.SlurmAnswer(True, next(answers), "BeginTime", "vm")
+
+    monkeypatch.setattr(watch, "query_job", query)
+    monkeypatch.setattr(watch, "slurm_results_written", lambda job: len(asked) >= 4)  # then an error result
     said, restarted = [], []
     with pytest.raises(watch.JobFailed):
         watch.wait_for(
@@ -327,3 +334,23 @@ def test_a_requeue_says_the_error_that_caused_it_and_the_attempt(tmp_path, monke
         "attempt 2 resumes from the last checkpoint"
     ], said
     assert restarted == [1]
+
+
+def test_slurms_own_oom_evidence_is_the_reason_and_a_rank_that_raised_first_is_no_death():
+    """Slurm's words as a cgroup-enforcing cluster writes them (this test cluster has no cgroups, so
+    no real OOM under Slurm): slurmstepd's oom_kill line, or the job state OUT_OF_MEMORY, is the
+    reason for the task srun reports Killed; a task that exited with an error first is no death."""
+    from jobs.launch import blame, exits
+
+    killed = "srun: error: gpu7: task 1: Killed\nsrun: Terminating StepId=41.0\n"
+    oom = "slurmstepd: error: Detected 1 oom_kill event in StepId=41.0. Some of the step tasks have been OOM Killed.\n"
+    texts = {0: oom + killed + "RuntimeError: Connection closed by peer\n", 1: ""}
+    line = blame.first_failure(texts, 2, exits.slurm_deaths(texts))
+    assert line.startswith("rank 1 was killed by SIGKILL (the OOM killer: slurmstepd: Detected 1 oom_kill event"), line
+    assert line.endswith("rank 0 then saw: RuntimeError: Connection closed by peer"), line
+    no_step_line = {0: killed, 1: ""}
+    said = exits.slurm_deaths(no_step_line, "OUT_OF_MEMORY")
+    assert said == {1: "killed by SIGKILL (the OOM killer: Slurm reports the job OUT_OF_MEMORY)"}
+    assert exits.slurm_deaths(no_step_line) == {1: "killed by SIGKILL; no reason was recorded"}
+    raised_first = {0: "srun: error: gpu7: task 0: Exited with exit code 1\n" + killed, 1: ""}
+    assert exits.slurm_deaths(raised_first, "OUT_OF_MEMORY") == {}
