@@ -112,11 +112,13 @@ def verdict(
 ) -> tuple[str, str | None]:
     """The failure line and the table to show above it (or None). A rank that raised is told by its
     own error (``message``, from blame), without a "no progress" table: its peers were only waiting
-    for it; so is a rank a signal killed (blame names the signal).
+    for it; so is a rank a signal killed (blame names the signal), unless a stall was seen first.
     Otherwise the rank that stopped first leads; ``first_stalled`` (the phrase of the first
     table shown while the job ran) wins over the reports at the end, because a stopped rank that is
     woken (Slurm's SIGCONT as the step ends) writes a fresh report and would hide behind its peers."""
-    if not reports or raised(reports) or KILLED.search(message):  # a death is told as one, not as a stall
+    if not reports or raised(reports):
+        return message, None
+    if KILLED.search(message) and first_stalled is None:  # a death is told as one; a stall seen before it leads
         return message, None
     stalled = first_stalled or stalled_first(reports, world_size)
     return f"{stalled}; {message}", table(reports, world_size)
