@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -83,4 +84,61 @@ def test_the_rank_killed_under_slurm_is_the_one_named(slurm, tmp_path):
         p.kill()
     assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
     line = stderr.strip().splitlines()[-1]
-    assert "rank 1 stopped or was killed without an error of its own" in line, line
+    assert "rank 1 was killed by SIGKILL; no reason was recorded" in line, line  # srun's "Killed", named
+
+
+def test_a_rank_a_signal_kills_under_slurm_is_named_with_the_signal(slurm, tmp_path):
+    """Rank 1 signals itself with SIGSEGV after step 2 (MPS_FAULT kill, tests only): srun's words for
+    it ("Segmentation fault") give the signal by name; no reason was recorded, and it is no stall."""
+    env = {**slurm.environ(), "MPS_FAULT": "kill:rank=1:step=2:signal=SEGV"}
+    p = run_submit(*PP, "--steps", "50", "--max-retries", "0", "--out", tmp_path / "run", cwd=tmp_path, env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert "rank 1 was killed by SIGSEGV; no reason was recorded" in line, line
+    assert "stopped making progress" not in p.stdout + p.stderr and "no progress" not in p.stdout
+    print(f"SIGSEGV under Slurm: {p.seconds:.1f} s: {line}")
+
+
+def test_a_rank_stopped_under_slurm_stays_named_after_slurms_sigcont(slurm, tmp_path):
+    """SIGSTOP of rank 1 by pid: rank 0's watchdog reports, rank 1 cannot; the table names rank 1.
+    When rank 0 times out, Slurm ends the step with SIGCONT and SIGTERM: rank 1 wakes and writes a
+    fresh report, and the verdict still names rank 1, not the peer whose timeout ended the job."""
+    out = tmp_path / "run"
+    args = ("--steps", "100000", "--dist-timeout", "20", "--hang-timeout", "4", "--max-retries", "0")
+    t0 = time.time()
+    p = start_submit(*PP, *args, "--out", out, cwd=tmp_path, env=slurm.environ())
+    try:
+        wait_for_text(rank0_log(str(out)), "step 1/")
+        stopped = time.time()
+        os.kill(rank_pid(1, str(out)), signal.SIGSTOP)
+        stdout, stderr = p.communicate(timeout=200)
+    finally:
+        p.kill()
+    assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: job") and "rank 1 wrote no report (stopped or killed)" in line, line
+    assert "no progress: what each rank is doing" in stdout
+    woken = json.loads((out / "hang" / "rank-1.json").read_text())  # written after the SIGCONT
+    assert woken["reported_at"] > stopped + 4, woken
+    print(f"SIGSTOP under Slurm: {time.time() - t0:.1f} s: {line}")
+
+
+def test_scancel_of_a_running_job_is_told_as_cancelled(slurm, tmp_path):
+    """scancel sends the ranks SIGTERM: they stop at a step boundary and write their error results.
+    The job is said to have been cancelled, not to have failed; exit 1."""
+    out = tmp_path / "run"
+    t0 = time.time()
+    p = start_submit(*PP, "--steps", "100000", "--out", out, cwd=tmp_path, env=slurm.environ())
+    try:
+        log = rank0_log(str(out))
+        wait_for_text(log, "step 1/")
+        job_id = os.path.basename(log).split("_")[0]
+        subprocess.run(["scancel", job_id], env=slurm.environ(), check=True, timeout=30)
+        stdout, stderr = p.communicate(timeout=200)
+    finally:
+        p.kill()
+    assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: job {job_id} was cancelled"), line
+    assert "failed" not in line.split(":")[1], line
+    print(f"scancel: {time.time() - t0:.1f} s: {line}")

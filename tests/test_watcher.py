@@ -4,6 +4,7 @@ named, Ctrl-C and SIGTERM stop with a checkpoint and one line, a run folder belo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -45,9 +46,80 @@ def test_the_rank_that_went_away_is_named_not_its_peer(tmp_path, how):
         p.kill()
     assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
     line = stderr.strip().splitlines()[-1]
-    assert "rank 1 stopped or was killed without an error of its own" in line, line
+    if how == "kill":  # the controller saw how it ended: the signal, and that the OOM killer did not send it
+        said = "rank 1 was killed by SIGKILL; no reason was recorded (not by the OOM killer: its memory cgroup"
+        assert said in line, line
+    else:
+        assert "rank 1 stopped or was killed without an error of its own" in line, line
     assert "rank 0 then saw" in line  # the peer's view is kept, as the secondary evidence
     assert not _alive(victim)  # a stopped rank is not left behind
+
+
+def test_a_rank_that_signals_itself_is_named_with_the_signal_not_as_a_stall(tmp_path):
+    """Rank 1 sends itself SIGSEGV after step 2 (MPS_FAULT kill, as a crash in native code would):
+    the line names rank 1 and the signal, and nothing says the job stopped making progress."""
+    env = dict(os.environ, MPS_FAULT="kill:rank=1:step=2:signal=SEGV")
+    p = run_submit(*LONG[:7], "50", *LONG[8:], "--out", tmp_path / "run", cwd=tmp_path, env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert "failed: rank 1 was killed by SIGSEGV; no reason was recorded; rank 0 then saw" in line, line
+    assert "stopped making progress" not in p.stdout + p.stderr and "no progress" not in p.stdout
+    stderr_1 = next((tmp_path / "run" / "submitit").glob("*_1_log.err")).read_text()
+    assert "Fatal Python error: Segmentation fault" in stderr_1  # faulthandler: its Python stack is kept
+    print(f"SIGSEGV (local): {p.seconds:.1f} s: {line}")
+
+
+def _memory_cgroup(limit_bytes: int):
+    """A child of this process's memory cgroup (v1) limited to ``limit_bytes``, or None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next(ln.split(":", 2)[2] for ln in f.read().splitlines() if ":memory:" in ln)
+        path = os.path.join("/sys/fs/cgroup/memory", own.lstrip("/"), f"mps-oom-test-{os.getpid()}")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit_bytes))
+        return path
+    except (OSError, StopIteration):
+        return None
+
+
+def test_a_rank_the_oom_killer_ends_is_told_as_the_oom_killer_with_the_kernels_words(tmp_path):
+    """The whole job runs in a memory cgroup of 2.5 GB; rank 1 allocates after step 2 until the
+    kernel's OOM killer ends it (MPS_FAULT oom). The line names rank 1, SIGKILL and the OOM killer,
+    quoting the kernel (its log, or the cgroup's oom_kill count)."""
+    import subprocess
+    import sys
+
+    cgroup = _memory_cgroup(2560 << 20)
+    if cgroup is None:
+        pytest.skip("needs a writable cgroup v1 memory controller (root) to limit the job's memory")
+    procs = os.path.join(cgroup, "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    submit = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "submit.py")
+    env = dict(os.environ, MPS_FAULT="oom:rank=1:step=2:mb=8000")
+    args = [sys.executable, submit, *LONG[:7], "50", *LONG[8:], "--out", str(tmp_path / "run")]
+    t0 = time.time()
+    pipe = subprocess.PIPE
+    p = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=pipe, stderr=pipe, text=True, preexec_fn=enter)
+    try:
+        stdout, stderr = p.communicate(timeout=200)
+    finally:
+        p.kill()
+        with open(procs) as f:
+            for pid in f.read().split():
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.5)
+        os.rmdir(cgroup)
+    assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert "failed: rank 1 was killed by SIGKILL (the OOM killer: " in line, line
+    assert "Killed process" in line or "oom_kill 0 -> 1" in line, line
+    assert "no progress" not in stdout
+    print(f"OOM killer (local): {time.time() - t0:.1f} s: {line}")
 
 
 def test_a_rank_dead_without_a_word_ends_the_job_even_when_its_peer_cannot_notice(tmp_path):
@@ -242,9 +314,15 @@ def test_a_requeue_says_the_error_that_caused_it_and_the_attempt(tmp_path, monke
     job.task = lambda i: SimpleNamespace(
         paths=SimpleNamespace(stderr=tmp_path / f"{i}.err", stdout=tmp_path / "0.out", result_pickle=tmp_path / "r")
     )
-    answers = iter(["RUNNING", "PENDING", "RUNNING", "COMPLETED"])
-    monkeypatch.setattr(watch, "query_job", lambda job_id: watch.SlurmAnswer(True, next(answers), "BeginTime", "vm"))
-    monkeypatch.setattr(watch, "slurm_results_written", lambda job: False)
+    answers = itertools.chain(["RUNNING", "PENDING", "RUNNING"], itertools.repeat("FAILED"))
+    asked = []
+
+    def query(job_id):
+        asked.append(job_id)
+        return watch.SlurmAnswer(True, next(answers), "BeginTime", "vm")
+
+    monkeypatch.setattr(watch, "query_job", query)
+    monkeypatch.setattr(watch, "slurm_results_written", lambda job: len(asked) >= 4)  # then an error result
     said, restarted = [], []
     with pytest.raises(watch.JobFailed):
         watch.wait_for(
@@ -256,3 +334,23 @@ def test_a_requeue_says_the_error_that_caused_it_and_the_attempt(tmp_path, monke
         "attempt 2 resumes from the last checkpoint"
     ], said
     assert restarted == [1]
+
+
+def test_slurms_own_oom_evidence_is_the_reason_and_a_rank_that_raised_first_is_no_death():
+    """Slurm's words as a cgroup-enforcing cluster writes them (this test cluster has no cgroups, so
+    no real OOM under Slurm): slurmstepd's oom_kill line, or the job state OUT_OF_MEMORY, is the
+    reason for the task srun reports Killed; a task that exited with an error first is no death."""
+    from jobs.launch import blame, exits
+
+    killed = "srun: error: gpu7: task 1: Killed\nsrun: Terminating StepId=41.0\n"
+    oom = "slurmstepd: error: Detected 1 oom_kill event in StepId=41.0. Some of the step tasks have been OOM Killed.\n"
+    texts = {0: oom + killed + "RuntimeError: Connection closed by peer\n", 1: ""}
+    line = blame.first_failure(texts, 2, exits.slurm_deaths(texts))
+    assert line.startswith("rank 1 was killed by SIGKILL (the OOM killer: slurmstepd: Detected 1 oom_kill event"), line
+    assert line.endswith("rank 0 then saw: RuntimeError: Connection closed by peer"), line
+    no_step_line = {0: killed, 1: ""}
+    said = exits.slurm_deaths(no_step_line, "OUT_OF_MEMORY")
+    assert said == {1: "killed by SIGKILL (the OOM killer: Slurm reports the job OUT_OF_MEMORY)"}
+    assert exits.slurm_deaths(no_step_line) == {1: "killed by SIGKILL; no reason was recorded"}
+    raised_first = {0: "srun: error: gpu7: task 0: Exited with exit code 1\n" + killed, 1: ""}
+    assert exits.slurm_deaths(raised_first, "OUT_OF_MEMORY") == {}

@@ -2,10 +2,15 @@
 
     MPS_FAULT=crash:rank=1:step=5 python jobs/submit.py ...
     MPS_FAULT=hang:rank=1:step=3 python jobs/submit.py ...
+    MPS_FAULT=kill:rank=1:step=2:signal=SEGV python jobs/submit.py ...
+    MPS_FAULT=oom:rank=1:step=2:mb=4000 python jobs/submit.py ...
 
 set in the environment of the submit command (Slurm and the local executor pass it on to every
 task), makes rank 1 raise ``InjectedFaultError`` after step 5 of the job's first attempt (``crash``), or
-stop responding when step 3 begins (``hang``: it sleeps, as a rank stuck in a driver would) (a requeued
+stop responding when step 3 begins (``hang``: it sleeps, as a rank stuck in a driver would), signal
+itself after step 2 (``kill``: SIGSEGV here, as a crash in native code would), or allocate memory
+after step 2 until the kernel's OOM killer ends it (``oom``: at most ``mb`` MB, then it raises; only
+safe inside a memory-limited cgroup, as the tests run it) (a requeued
 attempt, SLURM_RESTART_COUNT >= 1, runs clean), so retries and error reporting can be tested
 against real daemons. Users never set it; nothing else reads it.
 """
@@ -31,8 +36,22 @@ def maybe_fail(rank: int, step: int) -> None:
     if spec is None:
         return
     kind, where = spec
-    if kind == "crash" and int(where.get("rank", -1)) == rank and int(where.get("step", -1)) == step:
+    if int(where.get("rank", -1)) != rank or int(where.get("step", -1)) != step:
+        return
+    if kind == "crash":
         raise InjectedFaultError(f"MPS_FAULT: rank {rank} crashed after step {step} (test-only fault injection)")
+    if kind == "kill":
+        import signal
+        import sys
+
+        sys.stdout.flush()
+        os.kill(os.getpid(), getattr(signal, "SIG" + where.get("signal", "KILL").upper().removeprefix("SIG")))
+        signal.pause()  # a signal whose action is to end the process has ended it by now
+    if kind == "oom":
+        held, chunk = [], 64
+        for _ in range(int(where.get("mb", 4000)) // chunk):
+            held.append(b"\1" * (chunk << 20))  # written, so the pages are really taken
+        raise InjectedFaultError(f"MPS_FAULT: rank {rank} allocated {len(held) * chunk} MB and was not OOM-killed")
 
 
 def _spec() -> tuple[str, dict] | None:

@@ -4,6 +4,8 @@ When one rank dies, its peers fail too, with errors about the peer ("Connection 
 a collective timeout). Naming the first rank whose stderr holds such an error blames a survivor.
 The order of evidence:
 1. a rank's own error (an exception that is not about a lost peer);
+0. a rank whose death by a signal was the job's first end, with the signal's name and the
+   kernel's or Slurm's reason (jobs.launch.exits): "rank 1 was killed by SIGKILL (the OOM killer: ...)";
 2. a rank with NO error of its own while its peers report a lost peer: it was killed (kill -9,
    the OOM killer) or stopped (SIGSTOP, a hung driver) - what srun said about its task
    ("task 1: Killed") is quoted when present;
@@ -19,6 +21,8 @@ from __future__ import annotations
 import os
 import re
 
+from jobs.launch.exits import local_deaths, slurm_deaths
+
 SECONDARY = (
     "timed out",
     "timeout",
@@ -31,6 +35,9 @@ SECONDARY = (
     "connection refused",
 )
 """Error words that describe a lost peer, not a rank's own fault."""
+
+KILLED = re.compile(r"\brank \d+ was killed by ")
+"""How a verdict names a rank a signal ended (a death, not a stall: no "no progress" table)."""
 
 SRUN_TASK = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
 
@@ -67,11 +74,14 @@ def is_secondary(message: str) -> bool:
     return any(k in message.lower() for k in SECONDARY)
 
 
-def first_failure(texts: dict[int, str], num_tasks: int) -> str:
+def first_failure(texts: dict[int, str], num_tasks: int, deaths: dict[int, str] | None = None) -> str:
     """One line naming the rank that failed first (see the module docstring); ``texts`` maps each
-    task to its stderr."""
+    task to its stderr, ``deaths`` the rank whose death by a signal ended the job first to how."""
     srun = srun_reports(texts)
     errors = {i: exception_line(t) for i, t in sorted(texts.items()) if re.search(r"(Error|Exception)\b", t)}
+    for i, how in (deaths or {}).items():  # 0. killed by a signal before anything else ended
+        peer = next(((p, msg) for p, msg in errors.items() if p != i), None)
+        return f"rank {i} was {how}" + (f"; rank {peer[0]} then saw: {peer[1]}" if peer else "")
     for i, msg in errors.items():  # 1. a rank's own error
         if not is_secondary(msg):
             return f"rank {i}: {msg}"
@@ -113,9 +123,10 @@ def full_disk(folder: str) -> str | None:
     return None
 
 
-def job_failure(job) -> str:
-    """first_failure() of a submitit job, from its tasks' stderr files; a full disk, where it is
-    why nothing useful could be written, leads."""
+def job_failure(job, job_state: str | None = None) -> str:
+    """first_failure() of a submitit job, from its tasks' stderr files and how they ended (the local
+    controller's record, srun's words, Slurm's ``job_state``); a full disk, where it is why nothing
+    useful could be written, leads."""
     texts = {}
     for i in range(job.num_tasks):
         try:
@@ -123,7 +134,8 @@ def job_failure(job) -> str:
                 texts[i] = f.read()
         except OSError:
             continue
-    found = first_failure(texts, job.num_tasks)
+    deaths = local_deaths(str(job.paths.folder), str(job.job_id)) if hasattr(job, "_process") else {}
+    found = first_failure(texts, job.num_tasks, deaths or slurm_deaths(texts, job_state))
     disk = full_disk(str(job.paths.folder)) if hasattr(job, "paths") else None
     if disk and "No space left on device" not in found:
         return f"{disk}; {found}"

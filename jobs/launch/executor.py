@@ -10,8 +10,11 @@ import os
 import shlex
 import shutil
 import socket
+import subprocess
+import sys
 
 import submitit
+from submitit.local.local import LocalJob
 
 from core.config import RunConfig
 from jobs.plan import containers
@@ -45,12 +48,39 @@ class SlurmScriptPreview(submitit.SlurmExecutor):
         raise RuntimeError("a dry-run preview cannot submit")
 
 
+class LocalExecutor(submitit.LocalExecutor):
+    """submitit's local executor whose controller also records how each task ended (its signal, the
+    OOM killer's evidence: jobs.launch.exits), which only the ranks' parent can see."""
+
+    def _submit_command(self, command: str) -> LocalJob:
+        # the environment submitit.local.local.start_controller gives its controller (submitit 1.5)
+        gpus = self.parameters.get("gpus_per_node", 0)
+        env = dict(os.environ)
+        env.update(
+            SUBMITIT_LOCAL_NTASKS=str(self.parameters.get("tasks_per_node", 1)),
+            SUBMITIT_LOCAL_COMMAND=command,
+            SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 2.0))),
+            SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
+            SUBMITIT_LOCAL_NODEID="0",
+            SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+            SUBMITIT_STDERR_TO_STDOUT="",
+            SUBMITIT_EXECUTOR="local",
+            CUDA_VISIBLE_DEVICES=",".join(str(k) for k in range(gpus)),
+            SUBMITIT_LOCAL_WITH_SHELL="",
+        )
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jobs/launch/ -> root
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        process = subprocess.Popen([sys.executable, "-m", "jobs.launch.exits", str(self.folder)], env=env)
+        ntasks = self.parameters.get("tasks_per_node", 1)
+        return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
+
+
 def make_executor(plan: LaunchPlan, folder: str, preview: bool = False) -> submitit.Executor:
     """folder: submitit's log folder. Tasks and GPUs come from the plan's layout."""
     cfg, layout = plan.cfg, plan.layout
     gpus_per_node = layout.gpus_per_node if plan.requests_gpus else 0
     if plan.cluster == "local":
-        ex = submitit.LocalExecutor(folder=folder)
+        ex = LocalExecutor(folder=folder)
         params = {
             "tasks_per_node": layout.processes_per_node,
             "timeout_min": cfg.time,

@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from jobs.launch.blame import is_secondary
+from jobs.launch.blame import KILLED, is_secondary
 
 WATCHDOG = "no progress for"
 """How the watchdog's own reports begin (core.training.progress): a rank alive and silent. Any
@@ -112,10 +112,13 @@ def verdict(
 ) -> tuple[str, str | None]:
     """The failure line and the table to show above it (or None). A rank that raised is told by its
     own error (``message``, from blame), without a "no progress" table: its peers were only waiting
-    for it. Otherwise the rank that stopped first leads; ``first_stalled`` (the phrase of the first
+    for it; so is a rank a signal killed (blame names the signal), unless a stall was seen first.
+    Otherwise the rank that stopped first leads; ``first_stalled`` (the phrase of the first
     table shown while the job ran) wins over the reports at the end, because a stopped rank that is
     woken (Slurm's SIGCONT as the step ends) writes a fresh report and would hide behind its peers."""
     if not reports or raised(reports):
+        return message, None
+    if KILLED.search(message) and first_stalled is None:  # a death is told as one; a stall seen before it leads
         return message, None
     stalled = first_stalled or stalled_first(reports, world_size)
     return f"{stalled}; {message}", table(reports, world_size)
@@ -124,7 +127,8 @@ def verdict(
 class HangWatch:
     """Prints the table once when the watchdog's reports first appear while the job still runs
     (it fires at --hang-timeout, before the collective timeout ends the job) and remembers whom it
-    named. Reports older than ``since`` (a previous attempt's) and a rank's crash are not a hang."""
+    named. Reports older than ``since`` (a previous attempt's), a rank's crash and a peer's error
+    about it (a rank killed) are not a hang: only the watchdog's own reports are."""
 
     def __init__(self, run_dir: str, world_size: int, say=print, since: float | None = None) -> None:
         self.run_dir, self.world_size, self.say, self.since = run_dir, world_size, say, since
@@ -141,7 +145,8 @@ class HangWatch:
             return
         self.checked = time.time()
         reports = read_reports(self.run_dir, self.since)
-        if reports and len(reports) > self.shown and not raised(reports):
+        watchdog = any(r.get("reason", "").startswith(WATCHDOG) for r in reports.values())
+        if watchdog and len(reports) > self.shown and not raised(reports):  # a lost peer's error is no stall
             self.shown = len(reports)
             if self.first_stalled is None:
                 self.first_stalled = stalled_first(reports, self.world_size)

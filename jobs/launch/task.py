@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class TrainTask:
         # this replaces submitit's USR2 handler: we checkpoint at a step boundary ourselves
         stop = StopRequest()
         stop.install()
+        faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) leaves the Python stack in stderr
         plan, layout = self.plan, self.plan.layout
         slurm = "SLURM_JOB_ID" in os.environ
         if slurm:

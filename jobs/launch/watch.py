@@ -307,9 +307,8 @@ def wait_for(
 
     def vanished(a: SlurmAnswer) -> None:
         cancelled = (a.state or "").startswith("CANCELLED")
-        raise JobFailed(
-            f"Slurm reports {a.state or 'no such job'} and no result was written; {job_failure(job)}", cancelled
-        )
+        why = job_failure(job, a.state)
+        raise JobFailed(f"Slurm reports {a.state or 'no such job'} and no result was written; {why}", cancelled)
 
     failed_since: list[float] = []
     all_seen = [False]
@@ -339,5 +338,21 @@ def wait_for(
     except JobFailed as e:
         raise JobFailed(explain_failure(job, str(e), cfg) if slurm else str(e), e.cancelled) from None
     except Exception:  # a task's error re-raised by submitit: the first failing rank, in its words
-        why = job_failure(job)
-        raise JobFailed(explain_failure(job, why, cfg) if slurm else why) from None
+        if not slurm:
+            raise JobFailed(job_failure(job)) from None
+        # scancel: the ranks stop on its SIGTERM and write their errors before Slurm ends the job
+        state = final_state(str(job.job_id))
+        raise JobFailed(explain_failure(job, job_failure(job, state), cfg), state.startswith("CANCELLED")) from None
+
+
+def final_state(job_id: str, within_s: float = 40.0) -> str:
+    """Slurm's state for a job whose ranks have all ended, once it is no longer active (COMPLETING
+    lasts until the step's processes are gone: KillWait at most); "" when it does not say in time."""
+    deadline = time.time() + within_s
+    while True:
+        a = query_job(job_id)
+        if a.answered and a.state and a.state.split()[0].rstrip("+") not in ACTIVE:
+            return a.state
+        if time.time() > deadline:
+            return ""
+        time.sleep(1.0)
