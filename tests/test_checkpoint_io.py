@@ -68,6 +68,49 @@ def test_a_background_save_holds_its_step_reuses_its_buffers_and_waits_only_when
     assert not any("waiting" in line for line in lines)
 
 
+def test_a_job_that_finds_its_latest_checkpoint_broken_resumes_the_newest_intact_one(tmp_path):
+    """What a requeued attempt meets when the latest checkpoint broke after the submission: the
+    job's own load falls back and says so in one line. Pruning also leaves exactly --keep-checkpoints
+    folders (the pruned one is renamed aside at once, deleted off the save's path), and each save
+    records where its time went."""
+    import torch
+
+    from core.training.checkpoint import PHASES, Checkpointer
+
+    c, params, opt = _trained()
+    lines: list[str] = []
+    ck = Checkpointer(str(tmp_path), one_process(c), keep=2, log=lines.append)
+    values = {}
+    for step in (1, 2, 3):
+        ck.save(params, opt, {"step": step, "epoch": 0, "batch": step}, [1.0] * step, c.to_dict())
+        values[step] = {n: p.detach().clone() for n, p in params}
+        with torch.no_grad():
+            for _, p in params:
+                p.add_(1.0)
+    ck._deleter.shutdown(wait=True)
+    folder = tmp_path / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.json", "step-00000002", "step-00000003"]
+    phases = ck.summary()["phases_s"]
+    assert set(phases) == set(PHASES) and all(len(v) == 3 for v in phases.values())
+    os.truncate(folder / "step-00000003" / "__0_0.distcp", 10)  # broken after it was published
+    lines.clear()
+    position, losses, _ = ck.load(params, opt)
+    assert position["step"] == 2 and losses == [1.0, 1.0]
+    assert all(torch.equal(p, values[2][n]) for n, p in params)
+    assert [line for line in lines if line.startswith("resume:")] == [
+        f"resume: the latest checkpoint is broken ({folder}/step-00000003/__0_0.distcp is truncated "
+        f"(10 of {_recorded_end(folder / 'step-00000003', '__0_0.distcp'):,} bytes)): using step-00000002, "
+        "the newest intact one"
+    ], lines
+
+
+def _recorded_end(folder, name: str) -> int:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    infos = FileSystemReader(str(folder)).read_metadata().storage_data.values()
+    return max(i.offset + i.length for i in infos if i.relative_path == name)
+
+
 def test_without_host_memory_for_staging_saves_block_and_say_so_once(tmp_path, monkeypatch):
     from core.training import checkpoint_io
     from core.training.checkpoint import Checkpointer

@@ -440,7 +440,10 @@ class Checkpointer:
         whatever layout wrote it, and its random state. Returns (data position, losses so far, the
         saved meta); ``load_s`` holds how long it took."""
         t0 = time.perf_counter()
-        folder = self.latest_folder()
+        entry, note = choose_checkpoint(self.run_dir)
+        if note:  # latest.json's checkpoint was broken after the submission (a requeued job finds it)
+            self.log(f"resume: {note}")
+        folder = os.path.join(self.dir, entry["folder"])
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
         self.load_state(params, opt, folder, buffers, staged=True)
