@@ -4,6 +4,7 @@ spread between repeats.
 
     python bench/plan_sweep.py --repeats 3 --out runs/plan-sweep      # runs the sweeps, then summarises
     python bench/plan_sweep.py --summarise runs/plan-sweep/rep1 runs/plan-sweep/rep2
+    python bench/plan_sweep.py --repredict runs/plan-sweep/rep1   # today's cost model, that sweep's runs
 
 Each repeat is ``jobs/submit.py --plan --trials 99`` (every feasible candidate run for --steps
 steps as a real job) with the flags below, which docs/plan.md reports: delay uneven-wide on 4 gloo
@@ -71,12 +72,57 @@ def summarise(folders: list[str]) -> str:
     return "\n".join(lines)
 
 
+def repredict(folder: str) -> str:
+    """Predict a finished sweep's candidates again with today's cost model and that sweep's link
+    figures (no probe, no jobs), beside what its trials measured: a change to the model is judged
+    on measurements already taken. Block times are profiled again on this host."""
+    import dataclasses
+
+    from core.config import RunConfig
+    from jobs.plan.layouts import enumerate_layouts
+    from jobs.plan.predict import Link, Profiles, predict, target_device
+
+    plan = json.load(open(os.path.join(folder, "plan.json")))
+    lk = plan["inputs"]["link"]
+    link = Link(lk["latency_s"], lk["bytes_per_s"], lk["source"], lk.get("collective_step_latency_s"))
+    base = RunConfig(model=plan["model"], flavor=plan["flavor"], gpus=plan["gpus"], batch_size=plan["batch_size"])
+    measured = {e["name"]: e for e in plan["candidates"] if e.get("measured_step_s")}
+    profiles = Profiles(base, target_device(base))
+    rows = []
+    for c in enumerate_layouts(base, set()):
+        if c.name not in measured or c.layout is None:
+            continue
+        e = measured[c.name]
+        cfg = dataclasses.replace(c.cfg, microbatches=e["microbatches"] if c.cfg.strategy == "pp" else None)
+        pred = predict(cfg, c.layout, profiles, link, plan["device_memory_bytes"])
+        rows.append((c.name, e["predicted_step_s"], pred.step_s, e["measured_step_s"]))
+    rows.sort(key=lambda r: r[2])
+    out = [
+        "| layout | predicted then | predicted now | measured | error then | error now |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, then, now, meas in rows:
+        out.append(
+            f"| {name} | {1e3 * then:.0f} | {1e3 * now:.0f} | {1e3 * meas:.0f} | {100 * (then / meas - 1):+.0f}% | "
+            f"{100 * (now / meas - 1):+.0f}% |"
+        )
+    best = min(rows, key=lambda r: r[3])
+    out.append(
+        f"\npick now: {rows[0][0]} measured {1e3 * rows[0][3]:.1f} ms; best measured {best[0]} {1e3 * best[3]:.1f} ms"
+    )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join("runs", "plan-sweep"))
     ap.add_argument("--summarise", nargs="+", metavar="FOLDER", help="summarise finished sweeps only")
+    ap.add_argument("--repredict", metavar="FOLDER", help="today's cost model against a finished sweep's runs")
     args = ap.parse_args()
+    if args.repredict:
+        print(repredict(args.repredict))
+        return
     folders = args.summarise or run(args.out, args.repeats)
     print(summarise(folders))
 

@@ -237,4 +237,5 @@ def _report(plan: dict, base: RunConfig, folder: str) -> None:
     ]
     if points:
         title = f"{base.model} {base.flavor}, {base.gpus} devices: predicted against measured step time"
-        save_predicted_vs_measured(points, os.path.join(folder, "plan.png"), title)
+        pick = (plan.get("predicted_best") or plan["best"])["name"]
+        save_predicted_vs_measured(points, os.path.join(folder, "plan.png"), title, pick)

@@ -2,8 +2,9 @@
 
 Inputs are measured on this host where they can be: every block's forward and backward time and
 activation bytes (core.parallel.block_profile) at each micro-batch size a candidate runs, profiled
-once per size; link rates come from a ``--validate`` run's validate.json or are assumed per device
-kind (and then say so). What the run itself decides is taken from the code that decides it: the
+once per size; link rates come from a ``--validate`` run's validate.json; on CPU, without one, a
+probe among the job's own gloo processes measures what a pipeline message and an all-reduce cost
+(jobs.plan.probe); what is neither is assumed per device kind, and plan.json says so. What the run itself decides is taken from the code that decides it: the
 micro-batch count and stage placement (core.parallel.balance), the cut (core.parallel.partition's
 time split within the memory budget, as ``--balance time`` does) and a pipeline's step from the
 block costs (``SplitPlan.predicted``), so the plan and the run cannot disagree on them.
@@ -12,9 +13,11 @@ What the model adds, per axis (communication overlaps nothing it need not, so a 
 slow rather than fast):
 - dp: DDP all-reduces the gradients in buckets during backward (ring: 2(d-1)/d of the bytes);
   FSDP2 all-gathers each block's weights for forward and again for backward and reduce-scatters
-  its gradients. Both overlap backward, so a step takes forward + max(backward, traffic).
+  its gradients, one collective per block. Both overlap backward, so a step takes forward +
+  max(backward, traffic); in a pipeline the reduction waits for the last micro-batch and adds.
 - pp: every micro-batch crosses each seam forward and back; on a rank's critical path that is
-  2(m + stages - 1) messages of one seam's bytes, each paying the link's latency.
+  2(m + stages - 1) messages of one seam's bytes, each paying the link's latency (probed on CPU:
+  torch's schedule runtime and a rank's wake-up included), and one all-reduce of the loss.
 - tp: compute / tp, plus two all-reduces of a block's output per block forward and two backward
   (Megatron's attention and MLP); sequence parallel moves the same bytes as all-gather and
   reduce-scatter.
@@ -257,7 +260,18 @@ def predict(cfg: RunConfig, layout: Layout, profiles: Profiles, link: Link, budg
         )
         dp_s = 0.0
         if dp > 1:  # the pipeline reduces gradients once, after its last micro-batch: nothing to hide behind
-            dp_s = 3 * link.gather_s(rank_params, dp) if fsdp else link.all_reduce_s(rank_params, dp)
+            if fsdp:  # each block is its own FSDP2 group: gathered once, its gradients reduce-scattered once
+                dp_s = max(
+                    sum(
+                        3 * link.gather_s(b.param_bytes / tp, dp)
+                        for s, bs in enumerate(stage_costs)
+                        if owners[s] == r
+                        for b in bs
+                    )
+                    for r in per_rank
+                )
+            else:
+                dp_s = link.all_reduce_s(rank_params, dp)
             dp_s += link.all_reduce_s(4, dp)  # the global batch's mean loss
             comm["dp"] = {"bytes": (3 if fsdp else 2) * rank_params, "seconds": dp_s}
         if tp > 1:
