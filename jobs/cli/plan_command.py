@@ -22,6 +22,7 @@ import sys
 from core.check.metrics import read_result, write_json_atomic
 from core.config import ConfigError, RunConfig
 from core.report.render import save_predicted_vs_measured, table
+from jobs.plan.cluster import resolve_cluster
 from jobs.plan.layouts import AXES, Candidate, enumerate_layouts, reason_key
 from jobs.plan.predict import Link, Profiles, device_budget, predict, probed_link, read_links, target_device
 from jobs.plan.strategies import validate_run
@@ -69,10 +70,13 @@ COLUMNS = ["#", "layout", "split", "predicted ms", "measured ms", "error", "samp
 
 
 def choose_link(base: RunConfig, device, profiles: Profiles, link_rates: str | None, probe: bool) -> Link:
-    """validate.json where given; on CPU a probe among the job's own processes (--gpus of them);
-    else assumed. A probe that fails leaves the assumed figures, and says why."""
+    """validate.json where given; on CPU a probe among the job's own processes (--gpus of them),
+    where the job would run on this host; else assumed. A probe that fails leaves the assumed
+    figures, and says why."""
     if link_rates is not None or device.type != "cpu" or base.gpus < 2 or not probe:
         return read_links(link_rates, device.type)
+    if resolve_cluster(base) != "local":  # this host (a login node) is not where the ranks will talk
+        return read_links(None, device.type)
     # one micro-batch's seam at the smallest micro-batches a candidate runs (p = gpus, m = 2p)
     rows = max(1, base.resolved_batch_size // (2 * base.gpus))
     try:
