@@ -5,6 +5,7 @@ spread between repeats.
     python bench/plan_sweep.py --repeats 3 --out runs/plan-sweep      # runs the sweeps, then summarises
     python bench/plan_sweep.py --summarise runs/plan-sweep/rep1 runs/plan-sweep/rep2
     python bench/plan_sweep.py --repredict runs/plan-sweep/rep1   # today's cost model, that sweep's runs
+    python bench/plan_sweep.py --picture runs/plan-sweep/rep1 docs/plan-delay-4.png
 
 Each repeat is ``jobs/submit.py --plan --trials 99`` (every feasible candidate run for --steps
 steps as a real job) with the flags below, which docs/plan.md reports: delay uneven-wide on 4 gloo
@@ -113,13 +114,29 @@ def repredict(folder: str) -> str:
     return "\n".join(out)
 
 
+def picture(folder: str, png: str) -> None:
+    """A finished sweep's predicted-against-measured picture (what --plan --trials draws), drawn again."""
+    from core.report.render import save_predicted_vs_measured
+
+    plan = json.load(open(os.path.join(folder, "plan.json")))
+    points = [
+        (e["name"], e["predicted_step_s"], e["measured_step_s"]) for e in plan["candidates"] if e.get("measured_step_s")
+    ]
+    title = f"{plan['model']} {plan['flavor']}, {plan['gpus']} gloo processes: every feasible layout"
+    save_predicted_vs_measured(points, png, title, plan["predicted_best"]["name"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join("runs", "plan-sweep"))
     ap.add_argument("--summarise", nargs="+", metavar="FOLDER", help="summarise finished sweeps only")
+    ap.add_argument("--picture", nargs=2, metavar=("FOLDER", "PNG"), help="draw a finished sweep's plan.png anew")
     ap.add_argument("--repredict", metavar="FOLDER", help="today's cost model against a finished sweep's runs")
     args = ap.parse_args()
+    if args.picture:
+        picture(*args.picture)
+        return
     if args.repredict:
         print(repredict(args.repredict))
         return

@@ -97,7 +97,14 @@ def save_predicted_vs_measured(
             ax.scatter(meas * 1000, pred * 1000, s=150, zorder=2, facecolors="none", edgecolors="black", lw=1.2)
         if len(points) <= 12 or i == 0 or name == pick:
             label = name + (" (best measured)" if i == 0 else "") + (" (pick)" if name == pick else "")
-            ax.annotate(label, (meas * 1000, pred * 1000), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            below = name == pick and i != 0  # the pick's name under its point, clear of the best's
+            ax.annotate(
+                label,
+                (meas * 1000, pred * 1000),
+                fontsize=7,
+                xytext=(6, -11 if below else 3),
+                textcoords="offset points",
+            )
     ax.set_xlim(lo, top)
     ax.set_ylim(lo, top)
     ax.set_xlabel("measured step time (ms)")
