@@ -4,6 +4,7 @@ budget, the pick's flags run as given; with trials, predictions against real run
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -70,6 +71,10 @@ def test_every_layout_is_counted_and_memory_is_what_the_model_declares(plan):
         split_refused = e["excluded_because"] == "no split of the blocks fits the memory budget"
         if not split_refused:
             assert e["fits"] == (true_peak(e) <= BUDGET), e["name"]
+        else:  # refused for want of a cut: every contiguous cut of the 8 blocks needs more than the budget
+            n = e["layout"]["stages"]
+            cuts = [c for c in itertools.product(range(1, 9), repeat=n) if sum(c) == 8]
+            assert min(true_peak({**e, "split": list(c)}) for c in cuts) > BUDGET, e["name"]
     # layouts differ in memory: the whole-model replicas and GPipe's full batch in flight do not fit
     names = {e["name"]: e for e in cands}
     assert not names["dp dp4 ddp"]["fits"] and names["pp pp4 1f1b m8"]["fits"]
