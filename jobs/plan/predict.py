@@ -4,10 +4,11 @@ Inputs are measured on this host where they can be: every block's forward and ba
 activation bytes (core.parallel.block_profile) at each micro-batch size a candidate runs, profiled
 once per size; link rates come from a ``--validate`` run's validate.json; on CPU, without one, a
 probe among the job's own gloo processes measures what a pipeline message and an all-reduce cost
-(jobs.plan.probe); what is neither is assumed per device kind, and plan.json says so. What the run itself decides is taken from the code that decides it: the
-micro-batch count and stage placement (core.parallel.balance), the cut (core.parallel.partition's
-time split within the memory budget, as ``--balance time`` does) and a pipeline's step from the
-block costs (``SplitPlan.predicted``), so the plan and the run cannot disagree on them.
+(jobs.plan.probe); what is neither is assumed per device kind, and plan.json says so. What the
+run itself decides is taken from the code that decides it: the micro-batch count and stage
+placement (core.parallel.balance), the cut (core.parallel.partition's time split within the memory
+budget, as ``--balance time`` does) and a pipeline's step from the block costs
+(``SplitPlan.predicted``), so the plan and the run cannot disagree on them.
 
 What the model adds, per axis (communication overlaps nothing it need not, so a prediction errs
 slow rather than fast):
