@@ -154,6 +154,20 @@ def _count_sends(sub, names: list[str], idx: int, n_stages: int, sent: dict) -> 
     ]
 
 
+def _forwards_never_arm_ddp(module):
+    """A DDP-wrapped stage whose forwards never arm DDP's reducer: the stage arms it itself before
+    the last micro-batch's backward (torch's ``backward_maybe_with_nosync``) and runs every other
+    forward and backward under ``no_sync``. torch 2.14's stage metadata inference, at the first
+    step, runs one forward outside ``no_sync`` and takes gradients of the inputs only, which leaves
+    the reducer armed; the first backward of the step then counts every parameter for DDP's bucket
+    rebuild and the last counts them again, and when no forward comes between the two (GPipe, or
+    1F1B's first stage with as many micro-batches as stages) the next step's forward fails inside
+    torch ("rebuilt parameter indices size is not same as original model parameters size")."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        module.require_backward_grad_sync = False  # what no_sync sets; no_sync restores this value
+    return module
+
+
 def default_microbatches(batch: int, schedule: str, p: int) -> int:
     """The smallest divisor of the batch that is at least 2p (a small bubble), else the largest allowed."""
     lo = min_microbatches(schedule, p)
@@ -244,7 +258,9 @@ def build_pipeline(model: BlockModel, cfg: RunConfig, state: DistState) -> Built
         send_hooks += _count_sends(sub, names[idx], idx, n_stages, sent)
         # FSDP2 shards the stage in place; a DDP wrapper is what the stage runs (torch syncs either
         # once per step, after the last micro-batch's backward)
-        stage = PipelineStage(replicate_over_dp(sub, state), idx, n_stages, device, group=pp_group)
+        stage = PipelineStage(
+            _forwards_never_arm_ddp(replicate_over_dp(sub, state)), idx, n_stages, device, group=pp_group
+        )
         wrap_stage(recorder, stage)
         progress.watch_stage(stage, pp_group)
         modules.append(sub)

@@ -73,18 +73,40 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-def save_predicted_vs_measured(points: list[tuple[str, float, float]], path: str, title: str) -> None:
-    """(name, predicted s, measured s) per candidate: a scatter against the diagonal, +-20% shaded,
-    so a reader sees at once which predictions held."""
+def save_predicted_vs_measured(
+    points: list[tuple[str, float, float]], path: str, title: str, pick: str | None = None
+) -> None:
+    """(name, predicted s, measured s) per candidate, the best measured first: a scatter against the
+    diagonal, +-10% and +-20% shaded, so a reader sees at once which predictions held. ``pick``,
+    the layout predicted best, is ringed. Every point is named up to a dozen; beyond, the best
+    measured and the pick are."""
     fig, ax = plt.subplots(figsize=(7.5, 6))
+    lo = 0.8 * min(min(p, m) for _, p, m in points) * 1000
     top = 1.15 * max(max(p, m) for _, p, m in points) * 1000
-    ax.plot([0, top], [0, top], color="gray", lw=1, label="predicted = measured")
-    ax.fill_between([0, top], [0, 0.8 * top], [0, 1.2 * top], color="gray", alpha=0.15, label="within 20%")
+    span = [lo, top]
+    ax.plot(span, span, color="gray", lw=1, label="predicted = measured")
+    ax.fill_between(
+        span, [0.8 * v for v in span], [1.2 * v for v in span], color="gray", alpha=0.12, label="within 20%"
+    )
+    ax.fill_between(
+        span, [0.9 * v for v in span], [1.1 * v for v in span], color="gray", alpha=0.18, label="within 10%"
+    )
     for i, (name, pred, meas) in enumerate(points):
         ax.scatter(meas * 1000, pred * 1000, s=30, zorder=3, color="#E15759" if i == 0 else "#4C9BE8")
-        ax.annotate(name, (meas * 1000, pred * 1000), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
+        if name == pick:
+            ax.scatter(meas * 1000, pred * 1000, s=150, zorder=2, facecolors="none", edgecolors="black", lw=1.2)
+        if len(points) <= 12 or i == 0 or name == pick:
+            label = name + (" (best measured)" if i == 0 else "") + (" (pick)" if name == pick else "")
+            below = name == pick and i != 0  # the pick's name under its point, clear of the best's
+            ax.annotate(
+                label,
+                (meas * 1000, pred * 1000),
+                fontsize=7,
+                xytext=(6, -11 if below else 3),
+                textcoords="offset points",
+            )
+    ax.set_xlim(lo, top)
+    ax.set_ylim(lo, top)
     ax.set_xlabel("measured step time (ms)")
     ax.set_ylabel("predicted step time (ms)")
     ax.set_title(title, fontsize=10)

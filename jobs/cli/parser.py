@@ -63,8 +63,8 @@ class SubmitActions:
     )
     link_rates: str | None = option(
         None,
-        "--plan: link bandwidth and latency from a --validate run's validate.json (default: assumed per device "
-        "kind, and plan.json says so)",
+        "--plan: link bandwidth and latency from a --validate run's validate.json (default on CPU: latency "
+        "probed among --gpus gloo processes, bandwidth assumed; on GPU both assumed; plan.json says which)",
         metavar="FILE",
     )
     pytest: str | None = option(

@@ -22,8 +22,9 @@ import sys
 from core.check.metrics import read_result, write_json_atomic
 from core.config import ConfigError, RunConfig
 from core.report.render import save_predicted_vs_measured, table
+from jobs.plan.cluster import resolve_cluster
 from jobs.plan.layouts import AXES, Candidate, enumerate_layouts, reason_key
-from jobs.plan.predict import Profiles, device_budget, predict, read_links, target_device
+from jobs.plan.predict import Link, Profiles, device_budget, predict, probed_link, read_links, target_device
 from jobs.plan.strategies import validate_run
 
 TRIAL_STEPS = 10  # the first 4 are warm-up (core.training.train): 6 steady steps measured
@@ -68,12 +69,31 @@ def _row(i: int, e: dict) -> dict:
 COLUMNS = ["#", "layout", "split", "predicted ms", "measured ms", "error", "samples/s", "peak MiB", "traffic"]
 
 
-def make_plan(base: RunConfig, given: set[str], budget: float | None, link_rates: str | None) -> dict:
+def choose_link(base: RunConfig, device, profiles: Profiles, link_rates: str | None, probe: bool) -> Link:
+    """validate.json where given; on CPU a probe among the job's own processes (--gpus of them),
+    where the job would run on this host; else assumed. A probe that fails leaves the assumed
+    figures, and says why."""
+    if link_rates is not None or device.type != "cpu" or base.gpus < 2 or not probe:
+        return read_links(link_rates, device.type)
+    if resolve_cluster(base) != "local":  # this host (a login node) is not where the ranks will talk
+        return read_links(None, device.type)
+    # one micro-batch's seam at the smallest micro-batches a candidate runs (p = gpus, m = 2p)
+    rows = max(1, base.resolved_batch_size // (2 * base.gpus))
+    try:
+        return probed_link(base.gpus, max(profiles.seam_bytes()) * rows)
+    except RuntimeError as e:
+        print(f"note: the link probe failed ({e}): link latency assumed", flush=True)
+        return read_links(None, device.type)
+
+
+def make_plan(
+    base: RunConfig, given: set[str], budget: float | None, link_rates: str | None, probe: bool = True
+) -> dict:
     """Enumerate, predict and rank; the plan.json document (without trials)."""
     device = target_device(base)
     budget = device_budget(budget, device)
-    link = read_links(link_rates, device.type)
     profiles = Profiles(base, device)
+    link = choose_link(base, device, profiles, link_rates, probe)
     batch, tokens = base.resolved_batch_size, profiles.tokens_per_sample()
     entries = []
     for c in enumerate_layouts(base, given):
@@ -98,8 +118,11 @@ def make_plan(base: RunConfig, given: set[str], budget: float | None, link_rates
             "profile_device": str(device),
             "profiled_microbatch_sizes": profiles.sizes,
             "link": link.to_dict(),
-            "measured": ["block forward/backward time", "activation bytes", "parameter bytes"],
-            "assumed": [] if link.source.startswith("validate") else ["link latency and bandwidth"],
+            "measured": ["block forward/backward time", "activation bytes", "parameter bytes"]
+            + (["pipeline message and all-reduce latency (" + link.source + ")"] if link.latency_measured else []),
+            "assumed": (["link bandwidth"] if link.latency_measured else ["link latency and bandwidth"])
+            if not link.source.startswith("validate.json")
+            else ([] if link.latency_measured else ["link latency"]),
         },
         "candidates": feasible + [e for e in entries if not e["fits"]],
         "excluded": dict(excluded),
@@ -218,4 +241,5 @@ def _report(plan: dict, base: RunConfig, folder: str) -> None:
     ]
     if points:
         title = f"{base.model} {base.flavor}, {base.gpus} devices: predicted against measured step time"
-        save_predicted_vs_measured(points, os.path.join(folder, "plan.png"), title)
+        pick = (plan.get("predicted_best") or plan["best"])["name"]
+        save_predicted_vs_measured(points, os.path.join(folder, "plan.png"), title, pick)

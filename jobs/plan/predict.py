@@ -2,19 +2,23 @@
 
 Inputs are measured on this host where they can be: every block's forward and backward time and
 activation bytes (core.parallel.block_profile) at each micro-batch size a candidate runs, profiled
-once per size; link rates come from a ``--validate`` run's validate.json or are assumed per device
-kind (and then say so). What the run itself decides is taken from the code that decides it: the
-micro-batch count and stage placement (core.parallel.balance), the cut (core.parallel.partition's
-time split within the memory budget, as ``--balance time`` does) and a pipeline's step from the
-block costs (``SplitPlan.predicted``), so the plan and the run cannot disagree on them.
+once per size; link rates come from a ``--validate`` run's validate.json; on CPU, without one, a
+probe among the job's own gloo processes measures what a pipeline message and an all-reduce cost
+(jobs.plan.probe); what is neither is assumed per device kind, and plan.json says so. What the
+run itself decides is taken from the code that decides it: the micro-batch count and stage
+placement (core.parallel.balance), the cut (core.parallel.partition's time split within the memory
+budget, as ``--balance time`` does) and a pipeline's step from the block costs
+(``SplitPlan.predicted``), so the plan and the run cannot disagree on them.
 
 What the model adds, per axis (communication overlaps nothing it need not, so a prediction errs
 slow rather than fast):
 - dp: DDP all-reduces the gradients in buckets during backward (ring: 2(d-1)/d of the bytes);
   FSDP2 all-gathers each block's weights for forward and again for backward and reduce-scatters
-  its gradients. Both overlap backward, so a step takes forward + max(backward, traffic).
+  its gradients, one collective per block. Both overlap backward, so a step takes forward +
+  max(backward, traffic); in a pipeline the reduction waits for the last micro-batch and adds.
 - pp: every micro-batch crosses each seam forward and back; on a rank's critical path that is
-  2(m + stages - 1) messages of one seam's bytes, each paying the link's latency.
+  2(m + stages - 1) messages of one seam's bytes, each paying the link's latency (probed on CPU:
+  torch's schedule runtime and a rank's wake-up included), and one all-reduce of the loss.
 - tp: compute / tp, plus two all-reduces of a block's output per block forward and two backward
   (Megatron's attention and MLP); sequence parallel moves the same bytes as all-gather and
   reduce-scatter.
@@ -45,6 +49,7 @@ from core.parallel.balance import (
 from core.parallel.block_profile import BlockCost, profile_blocks
 from core.parallel.layout import Layout
 from core.parallel.partition import balanced_split, time_split
+from jobs.plan.probe import probe_link
 
 # Link rates where nothing measured them: gloo over loopback on a busy host; NVLink-class GPUs
 ASSUMED_LINKS = {"cpu": (3e-4, 1e9), "cuda": (2e-5, 100e9)}
@@ -53,23 +58,49 @@ ASSUMED_LINKS = {"cpu": (3e-4, 1e9), "cuda": (2e-5, 100e9)}
 @dataclass(frozen=True)
 class Link:
     latency_s: float
+    """Seconds one pipeline message costs beyond its bytes (probed: torch's runtime included)."""
     bytes_per_s: float
     source: str
-    """Where the figures come from: validate.json, or 'assumed'."""
+    """Where the figures come from: validate.json, a probe, or 'assumed'."""
+    step_latency_s: float | None = None
+    """Seconds per step of a ring collective (None: latency_s); a probe measures it apart."""
+    probe: dict | None = None
 
     def message_s(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bytes_per_s
 
+    @property
+    def _ring(self) -> float:
+        return self.latency_s if self.step_latency_s is None else self.step_latency_s
+
     def all_reduce_s(self, nbytes: float, n: int) -> float:
         """Ring all-reduce over n ranks: 2(n-1) steps of 1/n of the bytes."""
-        return 0.0 if n <= 1 else 2 * (n - 1) * (self.latency_s + nbytes / n / self.bytes_per_s)
+        return 0.0 if n <= 1 else 2 * (n - 1) * (self._ring + nbytes / n / self.bytes_per_s)
 
     def gather_s(self, nbytes: float, n: int) -> float:
         """All-gather or reduce-scatter of ``nbytes`` in all over n ranks: n-1 steps of 1/n."""
-        return 0.0 if n <= 1 else (n - 1) * (self.latency_s + nbytes / n / self.bytes_per_s)
+        return 0.0 if n <= 1 else (n - 1) * (self._ring + nbytes / n / self.bytes_per_s)
+
+    @property
+    def latency_measured(self) -> bool:
+        return self.source.startswith("probe") or self.source == "validate.json"
 
     def to_dict(self) -> dict:
-        return {"latency_s": self.latency_s, "bytes_per_s": self.bytes_per_s, "source": self.source}
+        out = {"latency_s": self.latency_s, "bytes_per_s": self.bytes_per_s, "source": self.source}
+        if self.step_latency_s is not None:
+            out["collective_step_latency_s"] = self.step_latency_s
+        if self.probe is not None:
+            out["probe"] = self.probe
+        return out
+
+
+def probed_link(processes: int, message_bytes: int) -> Link:
+    """The CPU link as the job's own processes would see it now (jobs.plan.probe); bandwidth assumed."""
+    r = probe_link(processes, message_bytes)
+    bw = ASSUMED_LINKS["cpu"][1]
+    # a ring all-reduce over the probe's ranks takes 2(n-1) steps
+    step = r["all_reduce_s"] / (2 * (processes - 1))
+    return Link(r["message_s"], bw, f"probe: {processes} gloo processes", step, r)
 
 
 def read_links(path: str | None, device_type: str) -> Link:
@@ -206,7 +237,8 @@ def predict(cfg: RunConfig, layout: Layout, profiles: Profiles, link: Link, budg
         if cfg.strategy == "pp":
             seam = max((seams[s + k - 1] for s, k in zip(starts[:-1], split[:-1])), default=0)
             comm["pp"] = {"bytes": 2 * m * sum(seams[s + k - 1] for s, k in zip(starts[:-1], split[:-1]))}
-            comm["pp"]["seconds"] = 2 * (m + n - 1) * link.message_s(seam)
+            # the messages on the critical path, and the loss every rank reports (one all-reduce)
+            comm["pp"]["seconds"] = 2 * (m + n - 1) * link.message_s(seam) + link.all_reduce_s(4, layout.pp)
             held = [m if cfg.schedule == "gpipe" else min(m, n - s) for s in range(n)]
         else:  # mp: one process runs its stages in turn; a seam is a device-to-device copy
             held = [1] * n
@@ -229,7 +261,19 @@ def predict(cfg: RunConfig, layout: Layout, profiles: Profiles, link: Link, budg
         )
         dp_s = 0.0
         if dp > 1:  # the pipeline reduces gradients once, after its last micro-batch: nothing to hide behind
-            dp_s = 3 * link.gather_s(rank_params, dp) if fsdp else link.all_reduce_s(rank_params, dp)
+            if fsdp:  # each block is its own FSDP2 group: gathered once, its gradients reduce-scattered once
+                dp_s = max(
+                    sum(
+                        3 * link.gather_s(b.param_bytes / tp, dp)
+                        for s, bs in enumerate(stage_costs)
+                        if owners[s] == r
+                        for b in bs
+                    )
+                    for r in per_rank
+                )
+            else:
+                dp_s = link.all_reduce_s(rank_params, dp)
+            dp_s += link.all_reduce_s(4, dp)  # the global batch's mean loss
             comm["dp"] = {"bytes": (3 if fsdp else 2) * rank_params, "seconds": dp_s}
         if tp > 1:
             comm["tp"] = _tp_traffic(seams, link, tp, m * max(len(b) for b in stage_costs) / len(costs), cfg)
@@ -253,6 +297,7 @@ def predict(cfg: RunConfig, layout: Layout, profiles: Profiles, link: Link, budg
                 dp_s = sum(3 * link.gather_s(b.param_bytes / tp, dp) for b in costs)
             else:
                 dp_s = link.all_reduce_s(params, dp)
+            dp_s += link.all_reduce_s(4, dp)  # the global batch's mean loss
             comm["dp"] = {"bytes": (3 if fsdp else 2) * params, "seconds": dp_s}
         out.step_s = fwd + max(bwd, dp_s) + tp_s
     out.communication = comm
