@@ -69,3 +69,11 @@ def test_product_text_names_no_issue_numbers():
     if pattern.search((ROOT / "README.md").read_text()):
         found.append("README.md")
     assert not found, f"issue or session numbers in: {found}"
+
+
+def test_readme_names_every_flag_the_parser_has():
+    """README's index of flags stays whole as options are added (docs/cli.md holds their help)."""
+    readme = (ROOT / "README.md").read_text()
+    flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", readme))
+    assert not missing, f"README.md does not name {missing}"
