@@ -73,15 +73,25 @@ def test_a_pending_job_says_why_and_names_the_drained_node(slurm, tmp_path):
     assert p.returncode == 0, seen + stdout[-2000:] + stderr[-2000:]
 
 
-def test_the_rank_killed_under_slurm_is_the_one_named(slurm, tmp_path):
+def signal_rank_1_after_step_1(slurm, tmp_path, sig: int, *args: str) -> tuple[subprocess.Popen, str, str, float]:
+    """Submit a pp 2 job into ``tmp_path/run``, send rank 1 ``sig`` by pid once rank 0 logged step 1,
+    and wait for the command's end: (the process, its stdout, its stderr, when the signal went)."""
     out = tmp_path / "run"
-    p = start_submit(*PP, "--steps", "100000", "--dist-timeout", "20", "--out", out, cwd=tmp_path, env=slurm.environ())
+    p = start_submit(*PP, *args, "--out", out, cwd=tmp_path, env=slurm.environ())
     try:
         wait_for_text(rank0_log(str(out)), "step 1/")
-        os.kill(rank_pid(1, str(out)), signal.SIGKILL)
+        sent = time.time()
+        os.kill(rank_pid(1, str(out)), sig)
         stdout, stderr = p.communicate(timeout=200)
     finally:
         p.kill()
+    return p, stdout, stderr, sent
+
+
+def test_the_rank_killed_under_slurm_is_the_one_named(slurm, tmp_path):
+    p, stdout, stderr, _ = signal_rank_1_after_step_1(
+        slurm, tmp_path, signal.SIGKILL, "--steps", "100000", "--dist-timeout", "20"
+    )
     assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
     line = stderr.strip().splitlines()[-1]
     assert "rank 1 was killed by SIGKILL; no reason was recorded" in line, line  # srun's "Killed", named
@@ -106,14 +116,7 @@ def test_a_rank_stopped_under_slurm_stays_named_after_slurms_sigcont(slurm, tmp_
     out = tmp_path / "run"
     args = ("--steps", "100000", "--dist-timeout", "20", "--hang-timeout", "4", "--max-retries", "0")
     t0 = time.time()
-    p = start_submit(*PP, *args, "--out", out, cwd=tmp_path, env=slurm.environ())
-    try:
-        wait_for_text(rank0_log(str(out)), "step 1/")
-        stopped = time.time()
-        os.kill(rank_pid(1, str(out)), signal.SIGSTOP)
-        stdout, stderr = p.communicate(timeout=200)
-    finally:
-        p.kill()
+    p, stdout, stderr, stopped = signal_rank_1_after_step_1(slurm, tmp_path, signal.SIGSTOP, *args)
     assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: job") and "rank 1 wrote no report (stopped or killed)" in line, line

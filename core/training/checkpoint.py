@@ -378,12 +378,13 @@ class Checkpointer:
         aside at once (a rename), deleted by a thread of their own. Unlinking gigabytes is not free
         (on a disk mounted with ``discard`` each file's blocks are trimmed as it goes) and the new
         checkpoint is already published, so training need not wait for it."""
-        names = sorted(n for n in os.listdir(self.dir) if n.startswith("step-"))
+        entries = os.listdir(self.dir)
+        names = sorted(n for n in entries if n.startswith("step-"))
         done = [n for n in names if not n.endswith(".partial")]
         doomed = [n for n in names if n.endswith(".partial")]
         if self.keep:
             doomed += [n for n in done[: -self.keep] if n != newest]
-        aside = [n for n in os.listdir(self.dir) if n.startswith(TRASH)]  # an earlier process's
+        aside = [n for n in entries if n.startswith(TRASH)]  # an earlier process's
         for n in doomed:
             aside.append(f"{TRASH}{n}-{time.time_ns()}")
             os.replace(os.path.join(self.dir, n), os.path.join(self.dir, aside[-1]))
@@ -415,16 +416,13 @@ class Checkpointer:
             buffers = ()
         holder = param_holder(params, buffers)
         state = _state_dicts(holder, opt)
-        if staged and self._stage.pinned and self._staging_fits(state):
-            host, _ = self._stage.ensure(state)
-            t = time.perf_counter()
-            checkpoint_io.read(host, folder)
-            self.load_files_s = time.perf_counter() - t
-            state = self._stage.restore(host, state)
-        else:
-            t = time.perf_counter()
-            checkpoint_io.read(state, folder)
-            self.load_files_s = time.perf_counter() - t
+        via_host = staged and self._stage.pinned and self._staging_fits(state)
+        target = self._stage.ensure(state)[0] if via_host else state
+        t = time.perf_counter()
+        checkpoint_io.read(target, folder)
+        self.load_files_s = time.perf_counter() - t
+        if via_host:
+            state = self._stage.restore(target, state)
         # the saved param groups carry the saving run's kernel choice (fused on plain CUDA tensors);
         # this layout's optimizer keeps its own (fused refuses TP's mix of DTensors and tensors)
         kernels = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in opt.param_groups]

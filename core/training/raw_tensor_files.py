@@ -64,19 +64,22 @@ def _read_exact(fd: int, into: memoryview, offset: int, path: str) -> None:
         done += n
 
 
+def _item_bytes(wi) -> int:
+    return wi.tensor_data.size.numel() * wi.tensor_data.properties.dtype.itemsize
+
+
 def _buckets(items: list, n: int) -> list[list]:
     """``n`` files of about equal bytes: the largest tensors first, each to the lightest file."""
     out: list[list] = [[] for _ in range(n)]
     load = [0] * n
-    tensors = [wi for wi in items if wi.type != WriteItemType.BYTE_IO]
+    tensors = sorted((wi for wi in items if wi.type != WriteItemType.BYTE_IO), key=_item_bytes, reverse=True)
     other = [wi for wi in items if wi.type == WriteItemType.BYTE_IO]
     for i, wi in enumerate(other):
         out[i % n].append(wi)
-    tensors.sort(key=lambda wi: wi.tensor_data.size.numel() * wi.tensor_data.properties.dtype.itemsize, reverse=True)
     for wi in tensors:
         i = load.index(min(load))
         out[i].append(wi)
-        load[i] += wi.tensor_data.size.numel() * wi.tensor_data.properties.dtype.itemsize
+        load[i] += _item_bytes(wi)
     return [b for b in out if b]
 
 
