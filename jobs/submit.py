@@ -112,7 +112,7 @@ def watch_to_end(
     except JobFailed as e:
         reports = hang_report.read_reports(folder, hangs.since)  # a requeue moves it on
         # a crash is told by the rank's own error; a stall or a timeout by what every rank was doing
-        line, shown = hang_report.verdict(str(e), reports, job.num_tasks, hangs.first_stalled)
+        line, shown = hang_report.verdict(str(e), reports, job.num_tasks, hangs.at_end(reports))
         if shown:
             say(f"what each rank was doing (reports in {folder}/hang/):\n{shown}")
         ended = "was cancelled" if e.cancelled else "failed"  # scancel is the user's choice, not a fault

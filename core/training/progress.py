@@ -27,6 +27,11 @@ import traceback
 _current: Progress | None = None
 
 
+def watchdog_period_s(hang_timeout_s: float) -> float:
+    """How often a rank's watchdog looks at its progress: a report comes at most this late."""
+    return max(0.5, min(5.0, hang_timeout_s / 4))
+
+
 def current() -> Progress | None:
     """This process's progress record (None outside a training run): what hooks note into."""
     return _current
@@ -82,6 +87,7 @@ class Progress:
             "last_progress_at": self.last,
             "reported_at": time.time(),
             "reason": reason,
+            "hang_timeout_s": self.hang_timeout_s,
             "stack": "".join(traceback.format_stack(main)) if main is not None else "",
         }
 
@@ -102,7 +108,7 @@ class Progress:
         threading.Thread(target=self._watch, name="mps-hang-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
-        every = max(0.5, min(5.0, self.hang_timeout_s / 4))
+        every = watchdog_period_s(self.hang_timeout_s)
         while not self._stop.wait(every):
             idle = time.time() - self.last
             if self.armed and idle >= self.hang_timeout_s and self._reported_at != self.last:

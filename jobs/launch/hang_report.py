@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+from core.training.progress import watchdog_period_s
 from jobs.launch.blame import KILLED, is_secondary
 
 WATCHDOG = "no progress for"
@@ -124,31 +125,68 @@ def verdict(
     return f"{stalled}; {message}", table(reports, world_size)
 
 
+def report_grace_s(reports: dict[int, dict]) -> float:
+    """How long after its peers a live rank's watchdog may still report: each rank's watchdog fires
+    --hang-timeout after its OWN last progress and looks only every watchdog period, so two live
+    ranks' reports can land that far apart (twice: both ends of the period), plus a margin."""
+    timeout = max((r.get("hang_timeout_s") or 20.0) for r in reports.values())
+    return 2 * watchdog_period_s(timeout) + 2.0
+
+
 class HangWatch:
     """Prints the table once when the watchdog's reports first appear while the job still runs
     (it fires at --hang-timeout, before the collective timeout ends the job) and remembers whom it
     named. Reports older than ``since`` (a previous attempt's), a rank's crash and a peer's error
-    about it (a rank killed) are not a hang: only the watchdog's own reports are."""
+    about it (a rank killed) are not a hang: only the watchdog's own reports are.
+
+    A rank without a report is named as stopped or killed only once it has stayed silent for
+    report_grace_s() after the watcher first saw its peers' reports: a live rank's watchdog can
+    simply fire a little later than its peers' (the watcher may look in between)."""
 
     def __init__(self, run_dir: str, world_size: int, say=print, since: float | None = None) -> None:
         self.run_dir, self.world_size, self.say, self.since = run_dir, world_size, say, since
         self.shown = 0
         self.checked = 0.0
         self.first_stalled: str | None = None
+        self.missing_since: dict[int, float] = {}  # rank -> when the watcher saw its peers report without it
 
     def new_attempt(self) -> None:
         """The job was requeued: what the ended attempt's ranks reported is no longer news."""
-        self.since, self.shown, self.first_stalled = time.time(), 0, None
+        self.since, self.shown, self.first_stalled, self.missing_since = time.time(), 0, None, {}
+
+    def decide(self, reports: dict[int, dict], now: float) -> str | None:
+        """The phrase naming the rank that stopped first, or None while that cannot be told yet.
+        A rank that wrote nothing for the grace while its peers had reported comes first (a SIGSTOP:
+        when Slurm's SIGCONT wakes it at the step's end its fresh report comes far too late to count)."""
+        if not self.missing_since:
+            return stalled_first(reports, self.world_size) if len(reports) == self.world_size else None
+        grace = report_grace_s(reports)
+        for rank, since in sorted(self.missing_since.items()):
+            wrote_at = reports[rank]["reported_at"] if rank in reports else now
+            if wrote_at - since >= grace:
+                return f"rank {rank} wrote no report (stopped or killed) while its peers waited"
+        return stalled_first(reports, self.world_size) if len(reports) == self.world_size else None
+
+    def at_end(self, reports: dict[int, dict]) -> str | None:
+        """The phrase to lead the verdict with once the job ended (None if no stall was seen)."""
+        if self.first_stalled is None and self.shown:
+            self.first_stalled = self.decide(reports, time.time())
+        return self.first_stalled
 
     def tick(self) -> None:
         if time.time() - self.checked < 2.0:
             return
-        self.checked = time.time()
+        now = self.checked = time.time()
         reports = read_reports(self.run_dir, self.since)
         watchdog = any(r.get("reason", "").startswith(WATCHDOG) for r in reports.values())
-        if watchdog and len(reports) > self.shown and not raised(reports):  # a lost peer's error is no stall
+        if not watchdog or raised(reports):  # a lost peer's error is no stall
+            return
+        for rank in range(self.world_size):
+            if rank not in reports:
+                self.missing_since.setdefault(rank, now)
+        if self.first_stalled is None:
+            self.first_stalled = self.decide(reports, now)
+        if len(reports) > self.shown:
             self.shown = len(reports)
-            if self.first_stalled is None:
-                self.first_stalled = stalled_first(reports, self.world_size)
             self.say(f"no progress: what each rank is doing (reports in {self.run_dir}/hang/)")
             self.say(table(reports, self.world_size))
