@@ -129,7 +129,7 @@ def report_grace_s(reports: dict[int, dict]) -> float:
     """How long after its peers a live rank's watchdog may still report: each rank's watchdog fires
     --hang-timeout after its OWN last progress and looks only every watchdog period, so two live
     ranks' reports can land that far apart (twice: both ends of the period), plus a margin."""
-    timeout = max((r.get("hang_timeout_s") or 20.0) for r in reports.values())
+    timeout = max(((r.get("hang_timeout_s") or 20.0) for r in reports.values()), default=20.0)
     return 2 * watchdog_period_s(timeout) + 2.0
 
 
@@ -158,8 +158,6 @@ class HangWatch:
         """The phrase naming the rank that stopped first, or None while that cannot be told yet.
         A rank that wrote nothing for the grace while its peers had reported comes first (a SIGSTOP:
         when Slurm's SIGCONT wakes it at the step's end its fresh report comes far too late to count)."""
-        if not self.missing_since:
-            return stalled_first(reports, self.world_size) if len(reports) == self.world_size else None
         grace = report_grace_s(reports)
         for rank, since in sorted(self.missing_since.items()):
             wrote_at = reports[rank]["reported_at"] if rank in reports else now
