@@ -98,7 +98,7 @@ def _one_line(e: BaseException) -> str:
 def _pp(model: str) -> dict:
     import multiprocessing as mp
 
-    from jobs.launch.executor import free_port
+    from core.parallel.distributed import free_port
 
     # fork, not spawn: the child has imported torch and computed nothing yet (pp runs first), so the
     # ranks start in a moment instead of importing everything again (~10 s a model on a busy host)

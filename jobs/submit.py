@@ -26,6 +26,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYT
 from core.check.metrics import format_summary, read_result, write_json_atomic
 from core.config import ConfigError, RunConfig
 from core.data import DataError
+from core.parallel.distributed import free_port
 from jobs.cli import side_job
 from jobs.cli.attach import attach
 from jobs.cli.common import fail
@@ -35,7 +36,7 @@ from jobs.cli.plan_command import plan_command
 from jobs.cli.pytest_job import PytestTask
 from jobs.cli.resume import export, resume_config
 from jobs.launch import hang_report, run_folder
-from jobs.launch.executor import free_port, make_executor, preview
+from jobs.launch.executor import make_executor, preview
 from jobs.launch.stopping import Interrupted, children_ignore_sigint, interruptible, stop_job
 from jobs.launch.task import TrainTask
 from jobs.launch.watch import JobFailed, wait_for

@@ -12,7 +12,7 @@ import os
 import queue
 import traceback
 
-from jobs.launch.executor import free_port
+from core.parallel.distributed import free_port
 
 
 def _child(fn, rank: int, world: int, port: int, results) -> None:

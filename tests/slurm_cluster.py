@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 
-from jobs.launch.executor import free_port
+from core.parallel.distributed import free_port
 
 # Each throwaway cluster numbers its jobs from its own start: submitit derives a job's rendezvous
 # port from the job id, so two clusters' job 1 (one still tearing down, or a container whose

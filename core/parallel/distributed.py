@@ -20,6 +20,15 @@ import torch.distributed as dist
 from core.parallel.layout import Layout
 
 
+def free_port() -> int:
+    """A TCP port free on this host now, for a local rendezvous (MASTER_PORT) or a test daemon."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass
 class DistState:
     """Where this process runs in the layout; passed as an argument, never global.

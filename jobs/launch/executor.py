@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -27,12 +26,6 @@ def signal_lead_s(time_min: int) -> int:
     (and Python's default action for USR2 kills it: exit 140); a requeued attempt would get it at
     once and loop."""
     return int(min(120, max(5, time_min * 60 // 4)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmScriptPreview(submitit.SlurmExecutor):

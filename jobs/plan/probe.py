@@ -18,11 +18,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import statistics
 import time
 
 import torch
+
+from core.parallel.distributed import free_port
 
 GAP_S = 0.004  # a stage's forward wait; long enough that a rank really sleeps between messages
 STEPS, WARMUP = 10, 2  # 1F1B steps timed after the warm-up (the first builds torch's stage metadata)
@@ -94,12 +95,6 @@ def _rank(rank: int, world: int, port: int, message_bytes: int, out) -> None:
         out.put((False, f"rank {rank}: {type(e).__name__}: {e}"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def probe_link(processes: int, message_bytes: int, timeout_s: float = 120.0) -> dict:
     """Per-message and per-all-reduce seconds among ``processes`` gloo ranks on this host.
     Raises RuntimeError (with the rank's reason) when the probe could not run."""
@@ -107,7 +102,7 @@ def probe_link(processes: int, message_bytes: int, timeout_s: float = 120.0) -> 
         raise RuntimeError("a probe needs 2 processes or more")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     t0 = time.perf_counter()
     procs = [ctx.Process(target=_rank, args=(r, processes, port, message_bytes, out)) for r in range(processes)]
     for p in procs:
