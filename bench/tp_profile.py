@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -441,12 +440,6 @@ def write(a: argparse.Namespace, world: int, busbw: dict, rows: list[dict], quie
         print(text, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -460,6 +453,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "tp_profile_2xH200"))
     a = ap.parse_args()
     import torch.multiprocessing as mp
+
+    from core.parallel.distributed import free_port
 
     mp.spawn(worker, args=(a.world, a, free_port()), nprocs=a.world, join=True)
     return 0
