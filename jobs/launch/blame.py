@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 
-from jobs.launch.exits import local_deaths, slurm_deaths
+from jobs.launch.exits import SRUN_TASK, local_deaths, slurm_deaths, task_ids
 
 SECONDARY = (
     "timed out",
@@ -39,8 +39,6 @@ SECONDARY = (
 KILLED = re.compile(r"\brank \d+ was killed by ")
 """How a verdict names a rank a signal ended (a death, not a stall: no "no progress" table)."""
 
-SRUN_TASK = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
-
 
 def exception_line(text: str) -> str:
     """The 'SomeError: message' line of a traceback that submitit re-raised as text."""
@@ -50,22 +48,13 @@ def exception_line(text: str) -> str:
     return hits[-1] if hits else (lines[-1].strip() if lines else "no message")
 
 
-def _task_ids(spec: str) -> list[int]:
-    ids: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        if lo.isdigit():
-            ids.extend(range(int(lo), int(hi or lo) + 1))
-    return ids
-
-
 def srun_reports(texts: dict[int, str]) -> dict[int, str]:
     """task -> what srun said about it ("Killed", "Exited with exit code 1"), first report kept.
     srun writes into the batch step's stderr, which submitit shares with task 0's."""
     out: dict[int, str] = {}
     for text in texts.values():
         for m in SRUN_TASK.finditer(text):
-            for t in _task_ids(m.group("tasks")):
+            for t in task_ids(m.group("tasks")):
                 out.setdefault(t, f"srun: {m.group('node')}: task {t}: {m.group('what').strip()}")
     return out
 

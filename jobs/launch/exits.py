@@ -29,6 +29,18 @@ KMSG_OOM = re.compile(r"Killed process (\d+)|oom-kill:.*\bpid=(\d+)")
 SLURM_OOM = re.compile(r"slurmstepd: error: (Detected \d+ oom[-_]kill event.*?)\s*$", re.M)
 SRUN_WORDS = {signal.strsignal(s): s.name for s in signal.Signals if signal.strsignal(s)}
 """What srun (strsignal) says of a task a signal ended -> the signal's name: Killed -> SIGKILL."""
+SRUN_TASK = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
+"""srun's report of how tasks ended: ``srun: error: vm: task 1: Killed``, ``tasks 0-1: Exited ...``."""
+
+
+def task_ids(spec: str) -> list[int]:
+    """The tasks of srun's ``1``, ``0,2`` or ``0-3``."""
+    ids: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids
 
 
 def exits_path(folder: str, job_id: str) -> str:
@@ -125,9 +137,8 @@ def local_deaths(folder: str, job_id: str) -> dict[int, str]:
 def slurm_deaths(texts: dict[int, str], job_state: str | None = None) -> dict[int, str]:
     """rank -> how it died, from srun's report of the first task to end, when a signal ended it:
     Slurm's own OOM evidence (slurmstepd's oom_kill line, the job state OUT_OF_MEMORY) is its reason."""
-    srun = re.compile(r"srun: error: \S+: tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
     text = "\n".join(texts.values())
-    first = srun.search(text)
+    first = SRUN_TASK.search(text)
     if not first:
         return {}
     name = SRUN_WORDS.get(first.group("what").strip().rstrip("."))
@@ -137,7 +148,7 @@ def slurm_deaths(texts: dict[int, str], job_state: str | None = None) -> dict[in
     reason = f"slurmstepd: {oom.group(1)}" if oom else None
     if reason is None and (job_state or "").startswith("OUT_OF_MEMORY"):
         reason = "Slurm reports the job OUT_OF_MEMORY"
-    task = int(re.split(r"[,\-]", first.group("tasks"))[0])
+    task = task_ids(first.group("tasks"))[0]
     how = f"killed by {name} (the OOM killer: {reason})" if reason else f"killed by {name}; no reason was recorded"
     return {task: how}
 
